@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class DatacenterConfig(AppConfig):
+    name = "datacenter"
+    verbose_name = "Data center"

@@ -1,0 +1,54 @@
+from crispy_forms.helper import FormHelper
+from crispy_forms.layout import Submit
+from django import forms
+
+
+def form_helper(submit_label: str, method: str = "post") -> FormHelper:
+    helper = FormHelper()
+    helper.form_method = method
+    helper.add_input(Submit("submit", submit_label))
+    return helper
+
+
+class UploadForm(forms.Form):
+    file = forms.FileField(
+        label="CSV file",
+        help_text="UTF-8 text with a header row naming the columns.",
+        widget=forms.ClearableFileInput(attrs={"accept": ".csv,text/csv"}),
+    )
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.helper = form_helper("Upload")
+        self.helper.form_tag = True
+
+
+class RelocateForm(forms.Form):
+    path = forms.CharField(
+        label="New storage path",
+        max_length=4096,
+        help_text="An absolute path on the server, such as /srv/datacenter. "
+        "It is created when missing.",
+    )
+    move = forms.BooleanField(label="Move existing files to the new path", required=False)
+    overwrite = forms.BooleanField(
+        label="Overwrite files of the same name at the new path", required=False
+    )
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.helper = form_helper("Relocate storage")
+
+
+class LogSearchForm(forms.Form):
+    q = forms.CharField(
+        label="Regular expression",
+        required=False,
+        max_length=500,
+        help_text="Lines matching this expression are shown, oldest first; "
+        "leave empty for all lines.",
+    )
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.helper = form_helper("Search", method="get")

@@ -1,0 +1,559 @@
+"""The data center: a storage folder of CSV files and what staff do with it.
+
+Plain Python with no request and no ORM, so that views, commands and tasks share it. Every
+change of a file is made so that a failure half-way leaves the file either where it was or
+where it belongs: copies are written under a hidden temporary name, checked, and renamed into
+place; an original is removed only after its copy is complete.
+"""
+
+import csv
+import errno
+import filecmp
+import functools
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+from django.dispatch import Signal
+
+SUBFOLDERS = ("deleted", "finished", "graduated", "logs", "unfinished")
+ACTION_LOG = "datacenter.log"
+# A rotated log backup such as "datacenter.log.3".
+LOG_BACKUP_NAME = re.compile(r"^(?P<base>.+)\.(?P<number>\d+)$")
+
+#: Sent after the storage moved, with the keyword arguments datacenter, old_path and new_path.
+storage_moved = Signal()
+
+
+class StorageError(ValueError):
+    """A request on the storage that was refused; the message is meant for staff."""
+
+
+def check_file_name(name: str) -> str:
+    """Return `name` if it names an entry inside one folder; raise FileNotFoundError if not.
+
+    Names come from URLs and forms, so anything that could leave its folder (``..``, slashes,
+    absolute paths, NUL), hidden names and control characters are treated as missing files.
+    """
+    if (
+        not name
+        or name in {".", ".."}
+        or name.startswith(".")
+        or "/" in name
+        or "\\" in name
+        or any(ord(char) < 32 or ord(char) == 127 for char in name)
+    ):
+        raise FileNotFoundError(errno.ENOENT, "No such file", name)
+    return name
+
+
+def unique_name(folder: str, name: str) -> str:
+    """`name`, or `STEM-N.EXT` with the smallest N that is not yet taken in `folder`."""
+    stem, ext = os.path.splitext(name)
+    candidate, number = name, 1
+    while os.path.lexists(os.path.join(folder, candidate)):
+        candidate, number = f"{stem}-{number}{ext}", number + 1
+    return candidate
+
+
+def place_new_file(temp_path: str, path: str) -> None:
+    """Rename `temp_path` to `path`, raising FileExistsError rather than replacing a file."""
+    try:
+        os.link(temp_path, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        # Filesystems without hard links: check, then rename.
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "File exists", path) from None
+        os.rename(temp_path, path)
+        return
+    os.unlink(temp_path)
+
+
+def fsync_file(path: str) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def move_file(source: str, dest: str) -> None:
+    """Move a file over `dest`, across filesystems too, keeping its times."""
+    try:
+        os.replace(source, dest)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        temp_path = _copy_beside(source, dest)
+        os.replace(temp_path, dest)
+        os.unlink(source)
+
+
+def _copy_beside(source: str, dest: str) -> str:
+    """Copy `source` to a hidden temporary file next to `dest`, verified, and return its path."""
+    handle, temp_path = tempfile.mkstemp(
+        dir=os.path.dirname(dest), prefix=f".{os.path.basename(dest)}.", suffix=".part"
+    )
+    os.close(handle)
+    try:
+        shutil.copy2(source, temp_path)
+        fsync_file(temp_path)
+        if not filecmp.cmp(source, temp_path, shallow=False):
+            raise OSError(errno.EIO, "the copy differs from the original", source)
+    except BaseException:
+        os.unlink(temp_path)
+        raise
+    return temp_path
+
+
+def human_size(size: int) -> str:
+    """``"13 bytes"``, ``"1.50 kb"``, ``"2.00 MB"``, ``"1.00 GB"``."""
+    for power, unit in ((3, "GB"), (2, "MB"), (1, "kb")):
+        if size >= 1024**power:
+            return f"{size / 1024**power:.2f} {unit}"
+    return f"{size} bytes"
+
+
+@functools.lru_cache(maxsize=4096)
+def _count_lines(path: str, size: int, mtime_ns: int) -> int:
+    # Keyed by size and mtime as well as path, so a changed file is counted again.
+    count, last = 0, b"\n"
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            count += chunk.count(b"\n")
+            last = chunk[-1:]
+    return count if last == b"\n" else count + 1
+
+
+@functools.lru_cache(maxsize=4096)
+def _count_rows(path: str, size: int, mtime_ns: int) -> int | None:
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            records = sum(1 for row in csv.reader(handle) if row)
+    except (UnicodeDecodeError, csv.Error):
+        return None
+    return max(records - 1, 0)
+
+
+class DataCenterFile:
+    """A file in the data center, described by its name, size and date.
+
+    Line and row counts are computed on first use and cached by path, size and mtime, so that
+    listing a folder reads no file twice.
+    """
+
+    def __init__(self, path: str, folder_name: str = ""):
+        self.path = str(path)
+        self.name = os.path.basename(self.path)
+        self.rel_path = os.path.join(folder_name, self.name)
+        stat = os.stat(self.path)
+        self.size = stat.st_size
+        self._mtime_ns = stat.st_mtime_ns
+        self.modified = datetime.fromtimestamp(stat.st_mtime, tz=UTC)
+
+    def __repr__(self) -> str:
+        return f"<DataCenterFile {self.rel_path}>"
+
+    @property
+    def lines(self) -> int:
+        return _count_lines(self.path, self.size, self._mtime_ns)
+
+    @property
+    def rows(self) -> int | None:
+        """Number of CSV records after the header, or None when the file is no readable CSV."""
+        return _count_rows(self.path, self.size, self._mtime_ns)
+
+    def get_size(self) -> str:
+        return human_size(self.size)
+
+    def get_date(self) -> str:
+        # Local time: Django sets the process time zone from settings.TIME_ZONE.
+        return self.modified.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+class DataCenter:
+    """A storage folder with the subfolders of SUBFOLDERS."""
+
+    def __init__(self, path: str):
+        self.storage = os.path.abspath(os.path.expanduser(str(path)))
+        self._create_subfolders()
+
+    def __repr__(self) -> str:
+        return f"<DataCenter {self.storage}>"
+
+    def _create_subfolders(self) -> None:
+        for name in SUBFOLDERS:
+            os.makedirs(os.path.join(self.storage, name), exist_ok=True)
+
+    @property
+    def deleted_path(self) -> str:
+        return os.path.join(self.storage, "deleted")
+
+    @property
+    def finished_path(self) -> str:
+        return os.path.join(self.storage, "finished")
+
+    @property
+    def graduated_path(self) -> str:
+        return os.path.join(self.storage, "graduated")
+
+    @property
+    def logs_path(self) -> str:
+        return os.path.join(self.storage, "logs")
+
+    @property
+    def unfinished_path(self) -> str:
+        return os.path.join(self.storage, "unfinished")
+
+    def free_space(self) -> int:
+        return shutil.disk_usage(self.storage).free
+
+    # Listing and reading files
+
+    def _files(self, folder: str, folder_name: str, pattern: str) -> list[DataCenterFile]:
+        result = []
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if (
+                    entry.name.endswith(pattern)
+                    and not entry.name.startswith(".")
+                    and entry.is_file(follow_symlinks=False)
+                ):
+                    result.append(DataCenterFile(entry.path, folder_name))
+        return result
+
+    def pending_files(self, sort: str = "name") -> list[DataCenterFile]:
+        """The CSV files in the storage root, by name or newest first."""
+        files = self._files(self.storage, "", ".csv")
+        if sort == "name":
+            return sorted(files, key=lambda file: file.name)
+        if sort == "date":
+            return sorted(files, key=lambda file: (file.modified, file.name), reverse=True)
+        raise ValueError(f"Unknown sort order: {sort!r}")
+
+    def finished_files(self) -> list[DataCenterFile]:
+        """The ``*.finished.csv`` files in ``finished/``, newest first."""
+        files = self._files(self.finished_path, "finished", ".finished.csv")
+        return sorted(files, key=lambda file: (file.modified, file.name), reverse=True)
+
+    def get_file(self, name: str, folder: str = "") -> DataCenterFile:
+        """The regular file `name` in the root or in one subfolder; FileNotFoundError if none."""
+        check_file_name(name)
+        if folder and folder not in SUBFOLDERS:
+            raise FileNotFoundError(errno.ENOENT, "No such folder", folder)
+        path = os.path.join(self.storage, folder, name)
+        if os.path.islink(path) or not os.path.isfile(path):
+            raise FileNotFoundError(errno.ENOENT, "No such file", name)
+        return DataCenterFile(path, folder)
+
+    def delete_file(self, name: str) -> str:
+        """Move the pending file `name` to ``deleted/`` and return its name there.
+
+        A file of the same name already in ``deleted/`` is kept: the newcomer gets a free name.
+        """
+        file = self.get_file(name)
+        while True:
+            target = unique_name(self.deleted_path, name)
+            try:
+                place_new_file(file.path, os.path.join(self.deleted_path, target))
+            except FileExistsError:
+                continue  # another process took the name in the meantime
+            return target
+
+    # The action log
+
+    def log_action(self, user, action: str, detail: str, level: str = "INFO") -> None:
+        """Append ``TIME - LEVEL - USER - ACTION: DETAIL`` to ``logs/datacenter.log``.
+
+        One short append per line, so that several processes can share the file.
+        """
+        now = datetime.now().astimezone()
+        username = user.get_username() if hasattr(user, "get_username") else (user or "system")
+        detail = detail.replace("\r", "\\r").replace("\n", "\\n")
+        line = (
+            f"{now:%Y-%m-%d %H:%M:%S},{now.microsecond // 1000:03d} - {level} - "
+            f"{username} - {action}: {detail}\n"
+        )
+        with open(os.path.join(self.logs_path, ACTION_LOG), "a", encoding="utf-8") as handle:
+            handle.write(line)
+
+    def log_files(self) -> list[DataCenterFile]:
+        """The log files in ``logs/`` by name, without rotated backups."""
+        files = self._files(self.logs_path, "logs", "")
+        return sorted(
+            (file for file in files if not LOG_BACKUP_NAME.match(file.name)),
+            key=lambda file: file.name,
+        )
+
+    def _log_and_backups(self, basename: str) -> list[str]:
+        """`basename` and its rotated backups, oldest (highest number) first."""
+        backups = []
+        for name in os.listdir(self.logs_path):
+            match = LOG_BACKUP_NAME.match(name)
+            if match and match["base"] == basename:
+                backups.append((int(match["number"]), name))
+        return [name for _, name in sorted(backups, reverse=True)] + [basename]
+
+    def query_log(
+        self, basename: str, query: str, limit: int = 0, start: int = 0
+    ) -> Iterator[str]:
+        """The lines of log `basename` and its backups that match the regular expression
+        `query`, oldest first; skip the first `start` matches, return at most `limit` (0: all).
+
+        Raises ValueError at once for an invalid expression or log name.
+        """
+        try:
+            pattern = re.compile(query)
+        except (re.error, TypeError) as exc:
+            raise ValueError(f"Invalid search expression: {exc}") from exc
+        try:
+            check_file_name(basename)
+        except FileNotFoundError:
+            raise ValueError(f"Invalid log file name: {basename!r}") from None
+        return self._matching_lines(self._log_and_backups(basename), pattern, limit, start)
+
+    def _matching_lines(self, names, pattern, limit, start) -> Iterator[str]:
+        found = 0
+        for name in names:
+            path = os.path.join(self.logs_path, name)
+            if not os.path.isfile(path):
+                continue
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                for line in handle:
+                    if not pattern.search(line):
+                        continue
+                    found += 1
+                    if found <= start:
+                        continue
+                    yield line
+                    if limit and found - start >= limit:
+                        return
+
+    # Relocating the storage
+
+    def check_new_storage_path(self, path: str) -> str:
+        """Validate and create the folder `path` for relocation; return it, real and absolute."""
+        expanded = os.path.expandvars(os.path.expanduser(str(path).strip()))
+        if not expanded:
+            raise StorageError("Please give the path of the new storage folder.")
+        if "\x00" in expanded:
+            raise StorageError("The path contains a NUL character.")
+        if not os.path.isabs(expanded):
+            raise StorageError(
+                f"The path must be absolute, that is start with '/': {path!r} does not."
+            )
+        new = os.path.realpath(expanded)
+        current = os.path.realpath(self.storage)
+        if new == current:
+            raise StorageError(f"{new} is already the current storage folder.")
+        if new.startswith(current + os.sep):
+            raise StorageError(
+                f"{new} lies inside the current storage folder {current}; "
+                "choose a folder outside it."
+            )
+        if os.path.lexists(new) and not os.path.isdir(new):
+            raise StorageError(f"{new} exists and is not a folder.")
+        try:
+            os.makedirs(new, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"The folder {new} cannot be created: {exc.strerror}.") from None
+        try:
+            with tempfile.TemporaryFile(dir=new):
+                pass
+        except OSError as exc:
+            raise StorageError(f"The folder {new} is not writable: {exc.strerror}.") from None
+        return new
+
+    def relocate(self, path: str, move: bool = False, overwrite: bool = False) -> dict[str, str]:
+        """Make `path` the storage, moving the old contents over with `move`.
+
+        Returns what could not be moved, as a mapping of the name (relative to the storage) to
+        the reason; those items stay in the old storage. Raises StorageError for a path that
+        cannot be used, and then nothing changes.
+        """
+        new = self.check_new_storage_path(path)
+        old = self.storage
+        not_moved: dict[str, str] = {}
+        if move:
+            _move_tree(old, new, overwrite, not_moved)
+        self.storage = new
+        self._create_subfolders()
+        storage_moved.send(sender=DataCenter, datacenter=self, old_path=old, new_path=new)
+        return not_moved
+
+    def set_storage_path(self, path: str, move: bool = False, overwrite: bool = False) -> list:
+        """Relocate the storage to `path`; return the names that could not be moved."""
+        return sorted(self.relocate(path, move=move, overwrite=overwrite))
+
+    # Distributing the results of a batch run
+
+    def dist_processed_files(
+        self,
+        successful: bool,
+        source_path: str,
+        finished_file: str,
+        pending_file: str | None,
+        mode: str = "create",
+    ) -> None:
+        """Put the outputs of processing `source_path` in `mode` where they belong.
+
+        The rows that worked (`finished_file`) are appended to ``finished/NAME.MODE.finished.csv``
+        and the failed ones (`pending_file`, may be None) become ``NAME.MODE.pending.csv`` in the
+        root. The source goes to ``finished/`` when everything worked and to ``unfinished/``
+        otherwise; a processed ``NAME.MODE.pending.csv`` whose original waits in
+        ``unfinished/`` completes (or keeps waiting for) that original. The folder holding the
+        outputs is removed when it lies outside the storage.
+        """
+        basename = os.path.basename(source_path)
+        pending_name = basename
+        completes_original = False
+        if basename.endswith(".pending.csv"):
+            original = basename.rsplit(".", 3)[0] + ".csv"
+            if os.path.isfile(os.path.join(self.unfinished_path, original)):
+                basename = original
+                completes_original = True
+
+        stem, ext = os.path.splitext(basename)
+        if not completes_original:
+            pending_name = f"{stem}.{mode}.pending{ext}"
+        finished_name = f"{stem}.{mode}.finished{ext}"
+        _append_csv(finished_file, os.path.join(self.finished_path, finished_name))
+        if pending_file is not None:
+            move_file(pending_file, os.path.join(self.storage, pending_name))
+
+        finished_dest = os.path.join(self.finished_path, basename)
+        unfinished_dest = os.path.join(self.unfinished_path, basename)
+        if successful and not completes_original:
+            move_file(source_path, finished_dest)
+        elif successful:
+            move_file(unfinished_dest, finished_dest)
+            if os.path.exists(source_path):
+                os.unlink(source_path)
+        elif not completes_original:
+            move_file(source_path, unfinished_dest)
+
+        output_dir = os.path.realpath(os.path.dirname(finished_file))
+        storage = os.path.realpath(self.storage)
+        if os.path.commonpath([storage, output_dir]) != storage:
+            shutil.rmtree(output_dir, ignore_errors=True)
+
+
+def read_csv_preview(path: str, max_rows: int = 10) -> tuple[list[str], list[list[str]]]:
+    """The header and the first `max_rows` records of a CSV file, for display."""
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, [])
+        rows = []
+        for row in reader:
+            if len(rows) >= max_rows:
+                break
+            rows.append(row)
+    return header, rows
+
+
+def _append_csv(source: str, dest: str) -> None:
+    """Append the records of CSV file `source` to CSV file `dest` and remove `source`.
+
+    Columns are matched by name; a column only one of the files has is left empty in the
+    other's records.
+    """
+    if not os.path.exists(dest):
+        move_file(source, dest)
+        return
+    with (
+        open(dest, encoding="utf-8", newline="") as old,
+        open(source, encoding="utf-8", newline="") as new,
+    ):
+        old_reader, new_reader = csv.DictReader(old), csv.DictReader(new)
+        old_fields = old_reader.fieldnames or []
+        fields = old_fields + [f for f in new_reader.fieldnames or [] if f not in old_fields]
+        handle, temp_path = tempfile.mkstemp(
+            dir=os.path.dirname(dest), prefix=f".{os.path.basename(dest)}.", suffix=".part"
+        )
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8", newline="") as merged:
+                writer = csv.DictWriter(merged, fields)
+                writer.writeheader()
+                writer.writerows(old_reader)
+                writer.writerows(new_reader)
+                merged.flush()
+                os.fsync(merged.fileno())
+            shutil.copymode(dest, temp_path)
+            os.replace(temp_path, dest)
+        except BaseException:
+            if os.path.exists(temp_path):
+                os.unlink(temp_path)
+            raise
+    os.unlink(source)
+
+
+def _move_tree(source_dir: str, dest_dir: str, overwrite: bool, not_moved: dict, prefix=""):
+    """Move the entries of `source_dir` into `dest_dir`, merging folders of the same name.
+
+    Each entry is copied, checked against its original and only then removed at the old
+    place. What cannot be moved stays and is recorded in `not_moved` with the reason.
+    """
+    with os.scandir(source_dir) as scan:
+        entries = sorted(scan, key=lambda entry: entry.name)
+    for entry in entries:
+        name = prefix + entry.name
+        dest = os.path.join(dest_dir, entry.name)
+        source_is_dir = entry.is_dir(follow_symlinks=False)
+        dest_exists = os.path.lexists(dest)
+        dest_is_dir = os.path.isdir(dest) and not os.path.islink(dest)
+        try:
+            if source_is_dir and dest_is_dir:
+                _move_tree(entry.path, dest, overwrite, not_moved, name + "/")
+                if not os.listdir(entry.path):
+                    os.rmdir(entry.path)
+            elif dest_exists and not overwrite:
+                not_moved[name] = "already exists in the new storage (overwrite is off)"
+            elif dest_exists and (source_is_dir or dest_is_dir):
+                not_moved[name] = "exists in the new storage as a different kind of entry"
+            elif source_is_dir:
+                _move_folder(entry.path, dest)
+            else:
+                _move_entry(entry.path, dest)
+        except OSError as exc:
+            not_moved[name] = exc.strerror or str(exc)
+
+
+def _move_entry(source: str, dest: str) -> None:
+    if os.path.islink(source):
+        temp_path = f"{dest}.moving-{os.getpid()}"
+        os.symlink(os.readlink(source), temp_path)
+    else:
+        temp_path = _copy_beside(source, dest)
+    os.replace(temp_path, dest)
+    os.unlink(source)
+
+
+def _move_folder(source: str, dest: str) -> None:
+    temp_path = tempfile.mkdtemp(dir=os.path.dirname(dest), prefix=f".{os.path.basename(dest)}.")
+    os.rmdir(temp_path)
+    try:
+        shutil.copytree(source, temp_path, symlinks=True)
+        _check_same_tree(source, temp_path)
+        if os.path.lexists(dest):
+            raise FileExistsError(errno.EEXIST, "File exists", dest)
+        os.rename(temp_path, dest)
+    except BaseException:
+        shutil.rmtree(temp_path, ignore_errors=True)
+        raise
+    shutil.rmtree(source)
+
+
+def _check_same_tree(original: str, copy: str) -> None:
+    for folder, dirs, files in os.walk(original):
+        relative = os.path.relpath(folder, original)
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            copied = os.path.join(copy, relative, name)
+            if os.path.islink(path) or os.path.isdir(path):
+                same = os.path.lexists(copied)
+            else:
+                same = os.path.isfile(copied) and filecmp.cmp(path, copied, shallow=False)
+            if not same:
+                raise OSError(errno.EIO, "the copy differs from the original", path)

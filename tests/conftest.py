@@ -1,0 +1,83 @@
+import os
+
+import pytest
+from django.contrib.auth.models import Permission
+
+from datacenter.storage import DataCenter
+
+# Playwright's sync API runs an event loop in the test thread; Django's ORM refuses to run
+# beside one unless told that this is safe, which it is here (one thread drives both).
+os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+
+DATACENTER_PERMISSIONS = [
+    "view_files",
+    "upload_files",
+    "delete_files",
+    "process_files",
+    "relocate_storage",
+]
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture(autouse=True)
+def storage_root(settings, tmp_path):
+    """Every test gets a data center of its own."""
+    settings.DATACENTER_STORAGE_ROOT = str(tmp_path / "storage")
+    return settings.DATACENTER_STORAGE_ROOT
+
+
+@pytest.fixture
+def datacenter(storage_root):
+    return DataCenter(storage_root)
+
+
+def make_user(django_user_model, username, codenames):
+    user = django_user_model.objects.create_user(username=username, password=PASSWORD)
+    user.user_permissions.set(
+        Permission.objects.filter(content_type__app_label="datacenter", codename__in=codenames)
+    )
+    return user
+
+
+@pytest.fixture
+def clerk(django_user_model):
+    """Staff who may do everything in the data center."""
+    return make_user(django_user_model, "clerk", DATACENTER_PERMISSIONS)
+
+
+@pytest.fixture
+def viewer(django_user_model):
+    """Staff who may only look at files and logs."""
+    return make_user(django_user_model, "viewer", ["view_files"])
+
+
+@pytest.fixture
+def stranger(django_user_model):
+    """A user without any permission."""
+    return make_user(django_user_model, "stranger", [])
+
+
+@pytest.fixture
+def clerk_client(client, clerk):
+    client.force_login(clerk)
+    return client
+
+
+def write(path, text: str | bytes) -> str:
+    data = text.encode() if isinstance(text, str) else text
+    with open(path, "wb") as handle:
+        handle.write(data)
+    return str(path)
+
+
+def tree(root) -> dict[str, bytes]:
+    """Every regular file below `root` with its content, to show that nothing changed."""
+    result = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.isfile(path):
+                continue
+            with open(path, "rb") as handle:
+                result[os.path.relpath(path, root)] = handle.read()
+    return result

@@ -1,0 +1,398 @@
+import os
+import tempfile
+from datetime import datetime
+
+import pytest
+
+from datacenter.storage import (
+    SUBFOLDERS,
+    DataCenter,
+    DataCenterFile,
+    StorageError,
+    storage_moved,
+)
+
+from .conftest import tree, write
+
+# The seed scenario: Kofa's data center test document, step by step.
+
+
+def test_a_new_data_center_creates_its_subfolders(tmp_path):
+    datacenter = DataCenter(tmp_path / "store")
+
+    assert sorted(os.listdir(datacenter.storage)) == list(SUBFOLDERS)
+    assert datacenter.deleted_path == os.path.join(datacenter.storage, "deleted")
+    assert datacenter.finished_path == os.path.join(datacenter.storage, "finished")
+    assert datacenter.graduated_path == os.path.join(datacenter.storage, "graduated")
+    assert datacenter.logs_path == os.path.join(datacenter.storage, "logs")
+    assert datacenter.unfinished_path == os.path.join(datacenter.storage, "unfinished")
+
+
+def test_pending_files_are_the_csv_files_in_the_root(datacenter):
+    write(os.path.join(datacenter.storage, "data.csv"), "Blah\nbleh\nbliss")
+    write(os.path.join(datacenter.storage, "notes.txt"), "not a CSV")
+    write(os.path.join(datacenter.storage, ".hidden.csv"), "a,b\n")
+    write(os.path.join(datacenter.finished_path, "old.csv"), "a\n")
+
+    [file] = datacenter.pending_files()
+
+    assert isinstance(file, DataCenterFile)
+    assert (file.name, file.rel_path, file.size, file.lines) == ("data.csv", "data.csv", 15, 3)
+    assert file.path == os.path.join(datacenter.storage, "data.csv")
+    assert file.get_size() == "15 bytes"
+    assert datetime.strptime(file.get_date(), "%Y-%m-%d %H:%M:%S")
+    assert file.modified.tzinfo is not None
+
+
+def test_pending_files_sorted_by_name_or_newest_first(datacenter):
+    for name, mtime in (("b.csv", 1_000_000), ("a.csv", 2_000_000), ("c.csv", 3_000_000)):
+        path = write(os.path.join(datacenter.storage, name), "x\n")
+        os.utime(path, (mtime, mtime))
+
+    assert [f.name for f in datacenter.pending_files()] == ["a.csv", "b.csv", "c.csv"]
+    assert [f.name for f in datacenter.pending_files(sort="date")] == ["c.csv", "a.csv", "b.csv"]
+    with pytest.raises(ValueError):
+        datacenter.pending_files(sort="size")
+
+
+@pytest.mark.parametrize(
+    ("size", "text"),
+    [(13, "13 bytes"), (1536, "1.50 kb"), (2 * 1024**2, "2.00 MB"), (1024**3, "1.00 GB")],
+)
+def test_human_readable_sizes(datacenter, size, text):
+    path = os.path.join(datacenter.storage, "sized.csv")
+    with open(path, "wb") as handle:
+        handle.truncate(size)
+
+    assert DataCenterFile(path).get_size() == text
+
+
+def test_line_count_follows_changes_of_the_file(datacenter):
+    path = write(os.path.join(datacenter.storage, "grow.csv"), "a\n1\n")
+    assert DataCenterFile(path).lines == 2
+    write(path, "a\n1\n2\n3\n")
+    assert DataCenterFile(path).lines == 4
+
+
+def test_rows_counts_csv_records_after_the_header(datacenter):
+    path = write(os.path.join(datacenter.storage, "rows.csv"), 'a,b\n1,"two\nlines"\n3,4\n\n')
+    assert DataCenterFile(path).rows == 2
+    broken = write(os.path.join(datacenter.storage, "latin.csv"), b"a\n\xe9\n")
+    assert DataCenterFile(broken).rows is None
+
+
+def fake_results(datacenter, source_name, successful):
+    """A processed source in the root and a temporary folder with the result files; a
+    pending file only when some rows failed."""
+    temp_dir = tempfile.mkdtemp()
+    source = write(os.path.join(datacenter.storage, source_name), "blah")
+    finished = write(os.path.join(temp_dir, "finished.csv"), "blah")
+    pending = None if successful else write(os.path.join(temp_dir, "pending.csv"), "blah")
+    return temp_dir, source, finished, pending
+
+
+def listing(datacenter):
+    return (
+        sorted(os.listdir(datacenter.storage)),
+        sorted(os.listdir(datacenter.finished_path)),
+        sorted(os.listdir(datacenter.unfinished_path)),
+    )
+
+
+ROOT = ["deleted", "finished", "graduated", "logs", "unfinished"]
+ROOT_WITH_PENDING = sorted([*ROOT, "mysource.create.pending.csv"])
+COMPLETE = (ROOT, ["mysource.create.finished.csv", "mysource.csv"], [])
+WAITING = (ROOT_WITH_PENDING, ["mysource.create.finished.csv"], ["mysource.csv"])
+
+
+def test_seed_successful_source_goes_to_finished(datacenter):
+    temp_dir, source, finished, pending = fake_results(datacenter, "mysource.csv", True)
+
+    datacenter.dist_processed_files(True, source, finished, pending, mode="create")
+
+    assert listing(datacenter) == COMPLETE
+    assert not os.path.exists(temp_dir)
+
+
+def test_seed_failed_source_waits_in_unfinished_until_pending_file_works(datacenter):
+    temp_dir, source, finished, pending = fake_results(datacenter, "mysource.csv", False)
+    datacenter.dist_processed_files(False, source, finished, pending, mode="create")
+    assert listing(datacenter) == WAITING
+    assert not os.path.exists(temp_dir)
+
+    temp_dir, source, finished, pending = fake_results(
+        datacenter, "mysource.create.pending.csv", True
+    )
+    datacenter.dist_processed_files(True, source, finished, pending, mode="create")
+
+    assert listing(datacenter) == COMPLETE
+
+
+def test_seed_several_failed_runs_in_a_row_then_success(datacenter):
+    temp_dir, source, finished, pending = fake_results(datacenter, "mysource.csv", False)
+    datacenter.dist_processed_files(False, source, finished, pending, mode="create")
+    for _ in range(2):
+        _, source, finished, pending = fake_results(
+            datacenter, "mysource.create.pending.csv", False
+        )
+        datacenter.dist_processed_files(False, source, finished, pending, mode="create")
+        assert listing(datacenter) == WAITING
+
+    _, source, finished, pending = fake_results(datacenter, "mysource.create.pending.csv", True)
+    datacenter.dist_processed_files(True, source, finished, pending, mode="create")
+
+    assert listing(datacenter) == COMPLETE
+    [finished_file] = datacenter.finished_files()
+    assert finished_file.name == "mysource.create.finished.csv"
+
+
+def test_finished_rows_of_later_runs_are_appended_by_column_name(datacenter):
+    temp_dir = tempfile.mkdtemp()
+    source = write(os.path.join(datacenter.storage, "people.csv"), "id,name\n1,a\n2,b\n")
+    finished = write(os.path.join(temp_dir, "finished.csv"), "id,name\r\n1,a\r\n")
+    pending = write(os.path.join(temp_dir, "pending.csv"), "id,name,--ERRORS--\r\n2,b,bad\r\n")
+    datacenter.dist_processed_files(False, source, finished, pending, mode="update")
+
+    temp_dir = tempfile.mkdtemp()
+    source = os.path.join(datacenter.storage, "people.update.pending.csv")
+    finished = write(os.path.join(temp_dir, "finished.csv"), "id,name,extra\r\n2,b,x\r\n")
+    datacenter.dist_processed_files(True, source, finished, None, mode="update")
+
+    with open(os.path.join(datacenter.finished_path, "people.update.finished.csv")) as handle:
+        assert handle.read().splitlines() == ["id,name,extra", "1,a,", "2,b,x"]
+    assert listing(datacenter) == (ROOT, ["people.csv", "people.update.finished.csv"], [])
+
+
+def test_finished_files_are_newest_first_and_only_finished_csv(datacenter):
+    for name, mtime in (("a.create.finished.csv", 1), ("b.update.finished.csv", 2)):
+        path = write(os.path.join(datacenter.finished_path, name), "x\n")
+        os.utime(path, (mtime, mtime))
+    write(os.path.join(datacenter.finished_path, "a.csv"), "x\n")
+
+    assert [f.rel_path for f in datacenter.finished_files()] == [
+        "finished/b.update.finished.csv",
+        "finished/a.create.finished.csv",
+    ]
+
+
+# Getting and deleting single files
+
+
+@pytest.mark.parametrize(
+    "name", ["..", "../storage", "/etc/passwd", "a/b.csv", "a\\b.csv", "x\x00.csv", ".hidden.csv"]
+)
+def test_names_that_would_leave_the_folder_are_not_found(datacenter, name):
+    write(os.path.join(datacenter.storage, ".hidden.csv"), "a\n")
+    with pytest.raises(FileNotFoundError):
+        datacenter.get_file(name)
+
+
+def test_unknown_folder_and_folders_are_not_files(datacenter):
+    with pytest.raises(FileNotFoundError):
+        datacenter.get_file("finished")
+    with pytest.raises(FileNotFoundError):
+        datacenter.get_file("x.csv", folder="..")
+
+
+def test_delete_moves_to_deleted_and_keeps_earlier_deleted_files(datacenter):
+    write(os.path.join(datacenter.storage, "a.csv"), "first")
+    assert datacenter.delete_file("a.csv") == "a.csv"
+    write(os.path.join(datacenter.storage, "a.csv"), "second")
+    assert datacenter.delete_file("a.csv") == "a-1.csv"
+
+    assert datacenter.pending_files() == []
+    assert tree(datacenter.deleted_path) == {"a.csv": b"first", "a-1.csv": b"second"}
+
+
+# The action log and searching logs
+
+
+def test_log_action_writes_time_level_user_action_detail(datacenter):
+    datacenter.log_action(None, "upload", "a.csv")
+    datacenter.log_action("alice", "delete", "evil\nname")
+
+    lines = list(datacenter.query_log("datacenter.log", "."))
+    assert lines[0].split(" - ", 1)[1] == "INFO - system - upload: a.csv\n"
+    assert lines[1].split(" - ", 1)[1] == "INFO - alice - delete: evil\\nname\n"
+    assert datetime.strptime(lines[0][:19], "%Y-%m-%d %H:%M:%S")
+
+
+@pytest.fixture
+def rotated_logs(datacenter):
+    for name in ("app.log", "app.log.1", "app.log.2", "app.log.10", "other.log", "app2.log"):
+        write(os.path.join(datacenter.logs_path, name), f"Message 1 {name}\nMessage 2 {name}\n")
+    return datacenter
+
+
+def test_query_log_searches_backups_oldest_first(rotated_logs):
+    found = list(rotated_logs.query_log("app.log", "Message 1"))
+
+    assert found == [
+        "Message 1 app.log.10\n",
+        "Message 1 app.log.2\n",
+        "Message 1 app.log.1\n",
+        "Message 1 app.log\n",
+    ]
+
+
+def test_query_log_start_and_limit_page_through_matches(rotated_logs):
+    everything = list(rotated_logs.query_log("app.log", "Message"))
+
+    assert len(everything) == 8
+    assert list(rotated_logs.query_log("app.log", "Message", limit=3)) == everything[:3]
+    assert list(rotated_logs.query_log("app.log", "Message", start=3, limit=3)) == everything[3:6]
+    assert list(rotated_logs.query_log("app.log", "Message", start=6, limit=3)) == everything[6:]
+
+
+def test_query_log_refuses_invalid_expressions_and_names(rotated_logs):
+    with pytest.raises(ValueError, match="Invalid search expression"):
+        rotated_logs.query_log("app.log", "(unclosed")
+    with pytest.raises(ValueError, match="Invalid log file name"):
+        rotated_logs.query_log("../app.log", ".")
+
+
+def test_log_files_exclude_backups(rotated_logs):
+    assert [f.name for f in rotated_logs.log_files()] == ["app.log", "app2.log", "other.log"]
+
+
+# Relocating the storage
+
+
+def test_set_storage_path_without_move_leaves_the_old_files(datacenter, tmp_path):
+    old = datacenter.storage
+    write(os.path.join(old, "data.csv"), "a\n")
+    new = str(tmp_path / "new")
+
+    assert datacenter.set_storage_path(new) == []
+
+    assert datacenter.storage == new
+    assert sorted(os.listdir(new)) == list(SUBFOLDERS)
+    assert os.path.exists(os.path.join(old, "data.csv"))
+
+
+def test_set_storage_path_with_move_moves_everything(datacenter, tmp_path):
+    old = datacenter.storage
+    write(os.path.join(old, "data.csv"), "a\n")
+    write(os.path.join(datacenter.finished_path, "x.create.finished.csv"), "x\n")
+    os.symlink("data.csv", os.path.join(old, "link.csv"))
+    before = tree(old)
+    new = tmp_path / "new"
+    new.mkdir()
+
+    assert datacenter.set_storage_path(str(new), move=True) == []
+
+    assert tree(new) == before
+    assert os.readlink(new / "link.csv") == "data.csv"
+    assert tree(old) == {}
+    assert sorted(os.listdir(new)) == sorted([*SUBFOLDERS, "data.csv", "link.csv"])
+
+
+def test_move_into_an_existing_storage_merges_and_reports_conflicts(datacenter, tmp_path):
+    write(os.path.join(datacenter.storage, "same.csv"), "old")
+    write(os.path.join(datacenter.storage, "mine.csv"), "mine")
+    write(os.path.join(datacenter.finished_path, "f.csv"), "old f")
+    target = DataCenter(tmp_path / "target")
+    write(os.path.join(target.storage, "same.csv"), "new")
+    write(os.path.join(target.finished_path, "f.csv"), "new f")
+    old = datacenter.storage
+
+    not_moved = datacenter.relocate(target.storage, move=True)
+
+    assert sorted(not_moved) == ["finished/f.csv", "same.csv"]
+    assert "already exists" in not_moved["same.csv"]
+    assert tree(old) == {"same.csv": b"old", "finished/f.csv": b"old f"}
+    assert tree(target.storage) == {
+        "same.csv": b"new",
+        "mine.csv": b"mine",
+        "finished/f.csv": b"new f",
+    }
+
+
+def test_move_with_overwrite_replaces_files_of_the_same_name(datacenter, tmp_path):
+    write(os.path.join(datacenter.storage, "same.csv"), "old")
+    target = tmp_path / "target"
+    target.mkdir()
+    write(target / "same.csv", "new")
+
+    assert datacenter.set_storage_path(str(target), move=True, overwrite=True) == []
+
+    assert (target / "same.csv").read_bytes() == b"old"
+
+
+def test_entries_that_cannot_be_moved_stay_and_are_reported(datacenter, tmp_path):
+    old = datacenter.storage
+    write(os.path.join(old, "good.csv"), "good")
+    write(os.path.join(old, "clash.csv"), "clash")
+    os.mkfifo(os.path.join(old, "pipe"))
+    target = tmp_path / "target"
+    (target / "clash.csv").mkdir(parents=True)
+
+    not_moved = datacenter.relocate(str(target), move=True, overwrite=True)
+
+    assert sorted(not_moved) == ["clash.csv", "pipe"]
+    assert not_moved["clash.csv"] == "exists in the new storage as a different kind of entry"
+    assert "named pipe" in not_moved["pipe"]
+    assert tree(old) == {"clash.csv": b"clash"}
+    assert os.path.exists(os.path.join(old, "pipe"))
+    assert (target / "good.csv").read_bytes() == b"good"
+    assert not [name for name in os.listdir(target) if name.startswith(".")]
+
+
+def test_relocation_sends_storage_moved(datacenter, tmp_path):
+    received = []
+
+    def receiver(sender, datacenter, old_path, new_path, **kwargs):
+        received.append((old_path, new_path))
+
+    storage_moved.connect(receiver)
+    try:
+        old = datacenter.storage
+        datacenter.set_storage_path(str(tmp_path / "new"))
+    finally:
+        storage_moved.disconnect(receiver)
+
+    assert received == [(old, str(tmp_path / "new"))]
+
+
+def refused(datacenter, path, message):
+    before = tree(datacenter.storage)
+    old = datacenter.storage
+    with pytest.raises(StorageError, match=message):
+        datacenter.set_storage_path(path, move=True)
+    assert datacenter.storage == old
+    assert tree(datacenter.storage) == before
+
+
+def test_relative_path_is_refused(datacenter, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    refused(datacenter, "relative/store", "must be absolute")
+    assert not (tmp_path / "relative").exists()
+
+
+def test_current_storage_and_folders_inside_it_are_refused(datacenter):
+    write(os.path.join(datacenter.storage, "data.csv"), "a\n")
+    refused(datacenter, datacenter.storage, "already the current storage")
+    refused(datacenter, datacenter.storage + "/", "already the current storage")
+    refused(datacenter, os.path.join(datacenter.storage, "inner"), "inside the current storage")
+    assert not os.path.exists(os.path.join(datacenter.storage, "inner"))
+
+
+def test_path_that_cannot_be_created_is_refused(datacenter, tmp_path):
+    blocker = write(tmp_path / "afile", "x")
+    refused(datacenter, os.path.join(blocker, "store"), "cannot be created")
+    refused(datacenter, blocker, "exists and is not a folder")
+    assert (tmp_path / "afile").read_bytes() == b"x"
+
+
+def test_path_that_is_not_writable_is_refused(datacenter):
+    # /proc/self is a real folder that nobody, not even root, can create files in.
+    refused(datacenter, "/proc/self", "is not writable")
+
+
+def test_home_and_variables_are_expanded(datacenter, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("STORE_NAME", "expanded")
+
+    datacenter.set_storage_path("~/$STORE_NAME")
+
+    assert datacenter.storage == str(tmp_path / "expanded")

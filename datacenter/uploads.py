@@ -158,22 +158,30 @@ def _not_utf8(line: int) -> str:
 def _check_csv(path: str) -> None:
     with open(path, encoding="utf-8", newline="") as handle:
         reader = csv.reader(handle, strict=True)
-        try:
-            header = next(reader, None)
-            _check_header(header)
-            for row in reader:
-                if row and len(row) != len(header):
-                    raise UploadError(
-                        f"Line {reader.line_num} has {len(row)} fields, but the header has "
-                        f"{len(header)} columns."
-                    )
-        except csv.Error as exc:
-            raise UploadError(
-                f"The file is not a well-formed CSV file: line {reader.line_num}: {exc}."
-            ) from None
+        header = None
+        line = 1  # where the record being read starts
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                problem = str(exc).replace("unexpected end of data", "a quote is never closed")
+                raise UploadError(
+                    f"The file is not a well-formed CSV file: line {line}: {problem}."
+                ) from None
+            if header is None:
+                header = _check_header(row)
+            elif row and len(row) != len(header):
+                raise UploadError(
+                    f"Line {line} has {len(row)} fields, but the header has {len(header)} columns."
+                )
+            line = reader.line_num + 1
+        if header is None:
+            _check_header(None)
 
 
-def _check_header(header: list[str] | None) -> None:
+def _check_header(header: list[str] | None) -> list[str]:
     if not header or not any(column.strip() for column in header):
         raise UploadError("The file has no header row: its first line must name the columns.")
     names = [column.strip() for column in header]
@@ -184,3 +192,4 @@ def _check_header(header: list[str] | None) -> None:
         raise UploadError(
             f"The header row names these columns more than once: {', '.join(duplicates)}."
         )
+    return header

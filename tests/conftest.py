@@ -21,7 +21,8 @@ PASSWORD = "correct horse battery staple"
 
 @pytest.fixture(autouse=True)
 def storage_root(settings, tmp_path):
-    """Every test gets a data center of its own."""
+    """Every test gets a data center of its own (and cheap password hashing)."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     settings.DATACENTER_STORAGE_ROOT = str(tmp_path / "storage")
     return settings.DATACENTER_STORAGE_ROOT
 

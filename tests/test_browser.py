@@ -1,0 +1,124 @@
+"""The main flows in a real Chromium, driven by Playwright against the live server."""
+
+import os
+import re
+
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from .conftest import PASSWORD, write
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, live_server):
+    context = browser.new_context(base_url=live_server.url)
+    page = context.new_page()
+    page.set_default_timeout(10_000)
+    yield page
+    context.close()
+
+
+def log_in(page, username):
+    page.goto("/")
+    expect(page).to_have_url(re.compile(r"/accounts/login/\?next=/$"))
+    page.get_by_label("Username").fill(username)
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    expect(page.get_by_role("heading", name="Pending files")).to_be_visible()
+
+
+def test_assets_are_served_by_the_site_itself(page, clerk):
+    log_in(page, "clerk")
+
+    for asset in ("bootstrap/css/bootstrap.min.css", "bootstrap/js/bootstrap.bundle.min.js"):
+        assert page.request.get(f"/static/{asset}").ok
+    # Bootstrap's CSS is applied: the navigation bar is dark.
+    navbar_colour = page.locator("nav.navbar").evaluate("e => getComputedStyle(e).backgroundColor")
+    assert navbar_colour == "rgb(33, 37, 41)"
+
+
+def test_upload_preview_and_delete(page, clerk, datacenter):
+    log_in(page, "clerk")
+
+    page.get_by_role("link", name="Upload a CSV file").click()
+    page.get_by_label("CSV file").set_input_files(
+        files=[{"name": "New People.csv", "mimeType": "text/csv", "buffer": b"id,name\n1,Ann\n"}]
+    )
+    page.get_by_role("button", name="Upload").click()
+    expect(page.get_by_role("alert")).to_contain_text("Uploaded New_People.csv: 1 data rows")
+    row = page.get_by_role("row", name="New_People.csv")
+    expect(row).to_contain_text("clerk")
+
+    row.get_by_role("link", name="Preview").click()
+    expect(page.locator("#preview thead")).to_have_text("idname")
+    expect(page.locator("#preview tbody")).to_have_text("1Ann")
+
+    page.get_by_role("link", name="Delete").click()
+    page.get_by_role("button", name="Delete").click()
+    expect(page.get_by_role("alert")).to_contain_text("kept as deleted/New_People.csv")
+    expect(page.get_by_text("No pending files.")).to_be_visible()
+    assert os.listdir(datacenter.deleted_path) == ["New_People.csv"]
+
+
+def test_an_invalid_upload_is_explained(page, clerk, datacenter):
+    log_in(page, "clerk")
+    page.goto("/datacenter/upload/")
+
+    page.get_by_label("CSV file").set_input_files(
+        files=[{"name": "bad.csv", "mimeType": "text/csv", "buffer": b"id,id\n1,2\n"}]
+    )
+    page.get_by_role("button", name="Upload").click()
+
+    error = page.get_by_text("The header row names these columns more than once: id")
+    expect(error).to_be_visible()
+    assert datacenter.pending_files() == []
+
+
+def test_relocate_the_storage_with_its_files(page, clerk, datacenter, tmp_path):
+    write(os.path.join(datacenter.storage, "people.csv"), "id\n1\n")
+    new = tmp_path / "relocated"
+    log_in(page, "clerk")
+
+    page.get_by_role("link", name="Storage").click()
+    expect(page.locator("#current-path")).to_have_text(datacenter.storage)
+    page.get_by_label("New storage path").fill(str(new))
+    page.get_by_label("Move existing files to the new path").check()
+    page.get_by_role("button", name="Relocate storage").click()
+
+    expect(page.locator("#new-path")).to_have_text(str(new))
+    expect(page.get_by_text("All files were moved.")).to_be_visible()
+    assert (new / "people.csv").read_text() == "id\n1\n"
+    assert not os.path.exists(os.path.join(datacenter.storage, "people.csv"))
+    page.get_by_role("link", name="Pending files").click()
+    expect(page.get_by_role("row", name="people.csv")).to_be_visible()
+
+
+def test_a_viewer_gets_403_on_the_storage_page(page, viewer):
+    log_in(page, "viewer")
+    expect(page.get_by_role("link", name="Storage")).to_have_count(0)
+
+    response = page.goto("/datacenter/storage/")
+
+    assert response.status == 403
+    expect(page.get_by_role("heading", name="Not allowed")).to_be_visible()

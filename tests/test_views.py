@@ -1,0 +1,234 @@
+import os
+
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.urls import reverse
+
+from datacenter.models import StorageLocation, Upload, current_datacenter
+
+from .conftest import tree, write
+
+pytestmark = pytest.mark.django_db
+
+PAGES = [
+    ("datacenter:pending", {}),
+    ("datacenter:upload", {}),
+    ("datacenter:preview", {"name": "people.csv"}),
+    ("datacenter:download", {"name": "people.csv"}),
+    ("datacenter:delete", {"name": "people.csv"}),
+    ("datacenter:finished", {}),
+    ("datacenter:download_finished", {"name": "people.create.finished.csv"}),
+    ("datacenter:logs", {}),
+    ("datacenter:log", {"name": "datacenter.log"}),
+    ("datacenter:storage", {}),
+]
+VIEWER_MAY_NOT = {"datacenter:upload", "datacenter:delete", "datacenter:storage"}
+
+
+@pytest.fixture
+def files(datacenter):
+    write(os.path.join(datacenter.storage, "people.csv"), "id,name\n1,Ann\n2,<b>Bob</b>\n")
+    write(os.path.join(datacenter.finished_path, "people.create.finished.csv"), "id\n1\n")
+    datacenter.log_action("clerk", "upload", "people.csv")
+    return datacenter
+
+
+@pytest.mark.parametrize(("url_name", "kwargs"), PAGES)
+def test_anonymous_users_are_sent_to_the_login_page(client, files, url_name, kwargs):
+    url = reverse(url_name, kwargs=kwargs)
+
+    response = client.get(url)
+
+    assert response.status_code == 302
+    assert response["Location"] == f"{reverse('login')}?next={url}"
+
+
+@pytest.mark.parametrize(("url_name", "kwargs"), PAGES)
+def test_users_without_permission_get_403(client, stranger, files, url_name, kwargs):
+    client.force_login(stranger)
+
+    response = client.get(reverse(url_name, kwargs=kwargs))
+
+    assert response.status_code == 403
+    assert b"does not have the permission" in response.content
+
+
+@pytest.mark.parametrize(("url_name", "kwargs"), PAGES)
+def test_viewers_may_only_look(client, viewer, files, url_name, kwargs):
+    client.force_login(viewer)
+
+    response = client.get(reverse(url_name, kwargs=kwargs))
+
+    assert response.status_code == (403 if url_name in VIEWER_MAY_NOT else 200)
+
+
+def test_the_login_page_works(client, clerk):
+    response = client.post(
+        reverse("login"), {"username": "clerk", "password": "correct horse battery staple"}
+    )
+
+    assert response.status_code == 302
+    assert response["Location"] == reverse("datacenter:pending")
+
+
+def test_pending_page_lists_files_with_rows_and_uploader(clerk_client, clerk, files):
+    Upload.objects.create(name="people.csv", uploaded_by=clerk)
+
+    response = clerk_client.get(reverse("datacenter:pending"), {"sort": "date"})
+
+    assert response.status_code == 200
+    [file] = response.context["page"]
+    assert (file.name, file.rows, file.uploader) == ("people.csv", 2, clerk)
+    assert b"people.csv" in response.content
+
+
+def test_pending_page_is_paginated(clerk_client, datacenter, settings):
+    settings.DATACENTER_PAGE_SIZE = 2
+    for number in range(5):
+        write(os.path.join(datacenter.storage, f"f{number}.csv"), "a\n")
+
+    response = clerk_client.get(reverse("datacenter:pending"), {"page": 3})
+
+    assert [file.name for file in response.context["page"]] == ["f4.csv"]
+
+
+def test_upload_stores_the_file_and_records_the_uploader(clerk_client, clerk, datacenter):
+    upload = SimpleUploadedFile("New List.CSV", b"id,name\n1,Ann\n", content_type="text/csv")
+
+    response = clerk_client.post(reverse("datacenter:upload"), {"file": upload}, follow=True)
+
+    assert response.redirect_chain == [(reverse("datacenter:pending"), 302)]
+    assert b"Uploaded New_List.csv: 1 data rows" in response.content
+    assert [f.name for f in datacenter.pending_files()] == ["New_List.csv"]
+    assert Upload.objects.get(name="New_List.csv").uploaded_by == clerk
+
+
+def test_upload_errors_are_shown_on_the_form(clerk_client, files):
+    before = tree(files.storage)
+    upload = SimpleUploadedFile("people.csv", b"id\n2\n", content_type="text/csv")
+
+    response = clerk_client.post(reverse("datacenter:upload"), {"file": upload})
+
+    assert response.status_code == 200
+    assert "already exists in the pending files" in response.context["form"].errors["file"][0]
+    assert tree(files.storage) == before
+
+
+def test_download_sends_the_file_and_logs_it(clerk_client, files):
+    response = clerk_client.get(reverse("datacenter:download", kwargs={"name": "people.csv"}))
+
+    assert response["Content-Disposition"] == 'attachment; filename="people.csv"'
+    assert b"".join(response.streaming_content) == b"id,name\n1,Ann\n2,<b>Bob</b>\n"
+    assert list(files.query_log("datacenter.log", "clerk - download: people.csv"))
+
+
+def test_finished_download_only_serves_finished_files(clerk_client, files):
+    url = reverse("datacenter:download_finished", kwargs={"name": "people.create.finished.csv"})
+    assert clerk_client.get(url).status_code == 200
+    url = reverse("datacenter:download_finished", kwargs={"name": "people.csv"})
+    assert clerk_client.get(url).status_code == 404
+
+
+@pytest.mark.parametrize("name", ["..", ".hidden.csv", "finished", "missing.csv", "a\x00.csv"])
+def test_unsafe_or_unknown_names_give_404(clerk_client, files, name):
+    write(os.path.join(files.storage, ".hidden.csv"), "a\n")
+    for url_name in ("datacenter:preview", "datacenter:download", "datacenter:delete"):
+        assert clerk_client.get(reverse(url_name, kwargs={"name": name})).status_code == 404
+
+
+def test_encoded_slashes_do_not_reach_outside_files(clerk_client, files):
+    response = clerk_client.get("/datacenter/files/..%2F..%2Fetc%2Fpasswd/download/")
+    assert response.status_code == 404
+
+
+def test_preview_shows_header_and_rows_escaped(clerk_client, files):
+    response = clerk_client.get(reverse("datacenter:preview", kwargs={"name": "people.csv"}))
+
+    assert response.context["header"] == ["id", "name"]
+    assert response.context["rows"] == [["1", "Ann"], ["2", "<b>Bob</b>"]]
+    assert b"&lt;b&gt;Bob&lt;/b&gt;" in response.content
+
+
+def test_delete_asks_then_moves_the_file_to_deleted(clerk_client, files):
+    url = reverse("datacenter:delete", kwargs={"name": "people.csv"})
+    assert b"Delete people.csv?" in clerk_client.get(url).content
+    assert files.pending_files()
+
+    response = clerk_client.post(url, follow=True)
+
+    assert b"it was kept as deleted/people.csv" in response.content
+    assert files.pending_files() == []
+    assert os.listdir(files.deleted_path) == ["people.csv"]
+    assert list(files.query_log("datacenter.log", "clerk - delete: people.csv"))
+
+
+def test_finished_page_lists_finished_files(clerk_client, files):
+    response = clerk_client.get(reverse("datacenter:finished"))
+    assert [f.name for f in response.context["page"]] == ["people.create.finished.csv"]
+
+
+def test_log_search_filters_pages_and_escapes(clerk_client, files, settings):
+    settings.DATACENTER_PAGE_SIZE = 1  # four lines a page
+    for number in range(6):
+        files.log_action("clerk", "note", f"<script>{number}</script>")
+    url = reverse("datacenter:log", kwargs={"name": "datacenter.log"})
+
+    first = clerk_client.get(url, {"q": "note"})
+    second = clerk_client.get(url, {"q": "note", "page": 2})
+
+    assert len(first.context["lines"]) == 4 and first.context["has_next"]
+    assert len(second.context["lines"]) == 2 and not second.context["has_next"]
+    assert second.context["lines"][-1].endswith("note: <script>5</script>")
+    assert b"&lt;script&gt;5&lt;/script&gt;" in second.content
+    assert b"<script>5" not in second.content
+
+
+def test_log_search_explains_an_invalid_expression(clerk_client, files):
+    url = reverse("datacenter:log", kwargs={"name": "datacenter.log"})
+
+    response = clerk_client.get(url, {"q": "([a-z"})
+
+    assert response.status_code == 200
+    assert "Invalid search expression" in response.context["form"].errors["q"][0]
+
+
+def test_unknown_log_is_404(clerk_client, files):
+    url = reverse("datacenter:log", kwargs={"name": "passwd"})
+    assert clerk_client.get(url).status_code == 404
+
+
+def test_storage_page_shows_path_and_free_space(clerk_client, datacenter):
+    response = clerk_client.get(reverse("datacenter:storage"))
+
+    assert datacenter.storage.encode() in response.content
+    assert response.context["free_space"] > 0
+
+
+def test_relocation_moves_files_and_stores_the_path(clerk_client, clerk, files, tmp_path):
+    new = tmp_path / "elsewhere"
+    new.mkdir()
+    write(new / "people.csv", "theirs")
+
+    response = clerk_client.post(reverse("datacenter:storage"), {"path": str(new), "move": "on"})
+
+    assert response.status_code == 200
+    assert response.context["not_moved"] == [
+        ("people.csv", "already exists in the new storage (overwrite is off)")
+    ]
+    assert b"people.csv" in response.content
+    location = StorageLocation.objects.get()
+    assert (location.path, location.changed_by) == (str(new), clerk)
+    assert current_datacenter().storage == str(new)
+    assert (new / "finished" / "people.create.finished.csv").exists()
+    assert (new / "people.csv").read_text() == "theirs"
+    assert list(current_datacenter().query_log("datacenter.log", "clerk - relocate: "))
+
+
+def test_relocation_refusals_are_shown_on_the_form(clerk_client, files):
+    before = tree(files.storage)
+
+    response = clerk_client.post(reverse("datacenter:storage"), {"path": "relative/path"})
+
+    assert "must be absolute" in response.context["form"].errors["path"][0]
+    assert tree(files.storage) == before
+    assert not StorageLocation.objects.exists()

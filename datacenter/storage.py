@@ -396,7 +396,7 @@ class DataCenter:
         finished_file: str,
         pending_file: str | None,
         mode: str = "create",
-    ) -> None:
+    ) -> tuple[str, str | None]:
         """Put the outputs of processing `source_path` in `mode` where they belong.
 
         The rows that worked (`finished_file`) are appended to ``finished/NAME.MODE.finished.csv``
@@ -404,7 +404,8 @@ class DataCenter:
         root. The source goes to ``finished/`` when everything worked and to ``unfinished/``
         otherwise; a processed ``NAME.MODE.pending.csv`` whose original waits in
         ``unfinished/`` completes (or keeps waiting for) that original. The folder holding the
-        outputs is removed when it lies outside the storage.
+        outputs is removed when it lies outside the storage. Returns the paths of the finished
+        file and of the pending file (None when there is none).
         """
         basename = os.path.basename(source_path)
         pending_name = basename
@@ -419,9 +420,12 @@ class DataCenter:
         if not completes_original:
             pending_name = f"{stem}.{mode}.pending{ext}"
         finished_name = f"{stem}.{mode}.finished{ext}"
-        _append_csv(finished_file, os.path.join(self.finished_path, finished_name))
+        finished_result = os.path.join(self.finished_path, finished_name)
+        pending_result = None
+        _append_csv(finished_file, finished_result)
         if pending_file is not None:
-            move_file(pending_file, os.path.join(self.storage, pending_name))
+            pending_result = os.path.join(self.storage, pending_name)
+            move_file(pending_file, pending_result)
 
         finished_dest = os.path.join(self.finished_path, basename)
         unfinished_dest = os.path.join(self.unfinished_path, basename)
@@ -438,6 +442,7 @@ class DataCenter:
         storage = os.path.realpath(self.storage)
         if os.path.commonpath([storage, output_dir]) != storage:
             shutil.rmtree(output_dir, ignore_errors=True)
+        return finished_result, pending_result
 
 
 def read_csv_preview(path: str, max_rows: int = 10) -> tuple[list[str], list[list[str]]]:

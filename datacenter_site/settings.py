@@ -141,3 +141,5 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": os.environ.get("DJANGO_LOG_LEVEL", "INFO")},
 }
+# Batch processors offered for pending files (dotted paths of Processor classes).
+DATACENTER_PROCESSORS = ["datacenter.processing.UserProcessor"]

@@ -1,0 +1,525 @@
+"""Batch processing: applying a pending CSV file row by row, and the processors that do it.
+
+A processor knows one kind of record: its columns, its key and how to create, update or remove
+one record from a row. `process_file` runs a pending file through a processor inside one
+database transaction, in batches with one lookup per batch; a row that fails is rolled back to
+its own savepoint and written, with its error, to the new pending file, while the good rows
+are kept. Only after the transaction committed are the result files distributed.
+"""
+
+import csv
+import fcntl
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.hashers import identify_hasher
+from django.core.exceptions import ValidationError
+from django.db import DatabaseError, models, transaction
+from django.utils.module_loading import import_string
+
+from .storage import DataCenter
+
+MODES = ("create", "update", "remove")
+ERROR_COLUMN = "--ERRORS--"
+#: A cell holding this marker leaves the value as it is (the same as an empty cell).
+IGNORE_MARKER = "<IGNORE>"
+#: A cell holding this marker clears the value in update mode.
+DELETE_MARKER = "<DELETE>"
+PENDING_NAME = re.compile(r"\.(?P<mode>create|update|remove)\.pending\.csv$")
+TRUE_WORDS = {"1", "true", "yes", "y", "on"}
+FALSE_WORDS = {"0", "false", "no", "n", "off"}
+
+
+class ProcessingError(ValueError):
+    """A file that cannot be processed; the message is meant for staff."""
+
+
+class FileBusy(ProcessingError):
+    """Somebody else is processing the file right now."""
+
+
+class RowError(ValueError):
+    """One row that cannot be applied; the message is written to its ``--ERRORS--`` cell."""
+
+
+@dataclass
+class ProcessResult:
+    total: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    finished_file: str | None = None
+    pending_file: str | None = None
+    #: (line of the row in the file, message) for each failed row.
+    errors: list[tuple[int, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class Processor:
+    """Applies rows of one kind of record in a mode; subclasses set the class attributes."""
+
+    name = ""
+    title = ""
+    #: Every column the processor understands.
+    columns: tuple[str, ...] = ()
+    #: The columns that identify a record.
+    key_columns: tuple[str, ...] = ()
+    #: Columns a create row must have besides the key.
+    required_for_create: tuple[str, ...] = ()
+    batch_size = 1000
+
+    def permission(self, mode: str) -> str | None:
+        """The permission a user needs to apply rows in `mode`, besides processing files."""
+        return None
+
+    def required_columns(self, mode: str) -> tuple[str, ...]:
+        if mode == "create":
+            return self.key_columns + self.required_for_create
+        return self.key_columns
+
+    def apply_row(self, row: dict[str, str], mode: str) -> None:
+        """Apply one row; raise RowError with a message for staff when it cannot be."""
+        raise NotImplementedError
+
+    def apply_batch(self, rows: list[dict[str, str]], mode: str) -> dict[int, str]:
+        """Apply `rows`, each in its own savepoint; return the errors by index in `rows`."""
+        errors = {}
+        for index, row in enumerate(rows):
+            try:
+                with transaction.atomic():
+                    self.apply_row(row, mode)
+            except RowError as exc:
+                errors[index] = str(exc)
+        return errors
+
+
+def check_header(processor: Processor, header: list[str], mode: str) -> list[str]:
+    """What is wrong with the header row of a file for `processor` in `mode`, in words."""
+    if mode not in MODES:
+        return [f"Unknown mode {mode!r}: choose one of {', '.join(MODES)}."]
+    columns = [column.strip() for column in header if column.strip() != ERROR_COLUMN]
+    problems = []
+    duplicates = sorted({column for column in columns if columns.count(column) > 1})
+    if duplicates:
+        problems.append(f"These columns appear more than once: {', '.join(duplicates)}.")
+    missing = [column for column in processor.required_columns(mode) if column not in columns]
+    if missing:
+        problems.append(f"These columns are required in {mode} mode: {', '.join(missing)}.")
+    unknown = [column for column in columns if column not in processor.columns]
+    if unknown:
+        problems.append(
+            f"These columns are unknown to {processor.title}: {', '.join(unknown)}. "
+            f"Known columns are {', '.join(processor.columns)}."
+        )
+    return problems
+
+
+def mode_of_pending_file(filename: str) -> str | None:
+    """The mode a ``NAME.MODE.pending.csv`` file must be processed in, if it is one."""
+    match = PENDING_NAME.search(filename)
+    return match["mode"] if match else None
+
+
+# Registered processors
+
+
+def processors() -> dict[str, Processor]:
+    """The processors of settings.DATACENTER_PROCESSORS, by name."""
+    registered = {}
+    for path in settings.DATACENTER_PROCESSORS:
+        processor = import_string(path)()
+        registered[processor.name] = processor
+    return registered
+
+
+def get_processor(name: str) -> Processor:
+    try:
+        return processors()[name]
+    except KeyError:
+        raise ProcessingError(f"There is no processor named {name!r}.") from None
+
+
+# Processing a file
+
+
+def process_file(
+    datacenter: DataCenter,
+    filename: str,
+    processor: Processor | str,
+    mode: str,
+    *,
+    user=None,
+    dry_run: bool = False,
+) -> ProcessResult:
+    """Process the pending file `filename` with `processor` in `mode` and distribute the
+    results (see DataCenter.dist_processed_files).
+
+    With `dry_run`, everything runs in a transaction that is rolled back and no file is
+    written or moved: the result tells which rows would fail. Raises ProcessingError (FileBusy
+    while somebody else processes the file) and FileNotFoundError for a missing file.
+    """
+    if isinstance(processor, str):
+        processor = get_processor(processor)
+    if mode not in MODES:
+        raise ProcessingError(f"Unknown mode {mode!r}: choose one of {', '.join(MODES)}.")
+    permission = processor.permission(mode)
+    if user is not None and permission and not user.has_perm(permission):
+        raise ProcessingError(
+            f"You may not {mode} records with {processor.title}: that needs the permission "
+            f"{permission}."
+        )
+    required_mode = mode_of_pending_file(filename)
+    if required_mode and mode != required_mode:
+        raise ProcessingError(f"{filename} holds rows that failed in {required_mode} mode.")
+    source = datacenter.get_file(filename)
+    started = time.monotonic()
+    with open(source.path, encoding="utf-8-sig", newline="") as handle, _claimed(handle, source):
+        reader = csv.reader(handle)
+        header = next(reader, None) or []
+        problems = check_header(processor, header, mode) if header else ["The file is empty."]
+        if problems:
+            raise ProcessingError(" ".join(problems))
+        output_dir = None if dry_run else tempfile.mkdtemp(prefix="datacenter-")
+        try:
+            with transaction.atomic():
+                result = _process_rows(reader, header, processor, mode, output_dir)
+                transaction.set_rollback(dry_run)
+            result.seconds = time.monotonic() - started
+            if dry_run:
+                return result
+            result.finished_file, result.pending_file = datacenter.dist_processed_files(
+                result.failed == 0,
+                source.path,
+                result.finished_file,
+                result.pending_file,
+                mode=mode,
+            )
+        finally:
+            if output_dir and os.path.isdir(output_dir):
+                shutil.rmtree(output_dir)
+    datacenter.log_action(
+        user,
+        "processed",
+        f"{filename}, {mode} mode, {result.total} lines "
+        f"({result.succeeded} successful / {result.failed} failed), {result.seconds:.3f} s",
+    )
+    return result
+
+
+@contextmanager
+def _claimed(handle, source) -> Iterator[None]:
+    """Hold an exclusive lock on the open file for the whole run.
+
+    The lock goes with the process, so a crashed run never blocks the file. A file that was
+    replaced or moved while we waited for the lock has been processed by somebody else.
+    """
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise FileBusy(
+            f"{source.name} is being processed by somebody else right now. "
+            "Look at the pending and finished files when that run has ended."
+        ) from None
+    try:
+        same_file = os.path.samestat(os.fstat(handle.fileno()), os.stat(source.path))
+    except FileNotFoundError:
+        same_file = False
+    if not same_file:
+        raise ProcessingError(f"{source.name} has been processed by somebody else meanwhile.")
+    yield
+
+
+def _process_rows(reader, header, processor, mode, output_dir) -> ProcessResult:
+    result = ProcessResult()
+    columns = [column.strip() for column in header]
+    output_columns = [column for column in header if column.strip() != ERROR_COLUMN]
+    keep = [index for index, column in enumerate(columns) if column != ERROR_COLUMN]
+    with _writers(output_dir, output_columns) as (finished, pending):
+        for batch in _batches(reader, processor.batch_size):
+            well_formed = [values for _, values in batch if len(values) == len(columns)]
+            rows = [{columns[i]: values[i].strip() for i in keep} for values in well_formed]
+            errors = processor.apply_batch(rows, mode) if rows else {}
+            good, index = [], 0
+            for line, values in batch:
+                if len(values) != len(columns):
+                    message = (
+                        f"The row has {len(values)} fields, but the header has "
+                        f"{len(columns)} columns."
+                    )
+                    _fail(result, pending, values, line, message)
+                    continue
+                if index in errors:
+                    _fail(result, pending, [values[i] for i in keep], line, errors[index])
+                else:
+                    good.append([values[i] for i in keep])
+                index += 1
+            result.succeeded += len(good)
+            result.total += len(batch)
+            if finished:
+                finished.writerows(good)
+    if output_dir:
+        result.finished_file = os.path.join(output_dir, "finished.csv")
+        if result.failed:
+            result.pending_file = os.path.join(output_dir, "pending.csv")
+    return result
+
+
+def _fail(result, pending, cells, line, message) -> None:
+    result.failed += 1
+    result.errors.append((line, message))
+    if pending:
+        pending.writerow([*cells, message])
+
+
+@contextmanager
+def _writers(output_dir, columns):
+    if output_dir is None:
+        yield None, None
+        return
+    with (
+        open(os.path.join(output_dir, "finished.csv"), "w", encoding="utf-8", newline="") as f,
+        open(os.path.join(output_dir, "pending.csv"), "w", encoding="utf-8", newline="") as p,
+    ):
+        finished, pending = csv.writer(f), csv.writer(p)
+        finished.writerow(columns)
+        pending.writerow([*columns, ERROR_COLUMN])
+        yield finished, pending
+
+
+def _batches(reader, size: int) -> Iterable[list[tuple[int, list[str]]]]:
+    """(line where the row starts, values) of the non-empty rows, `size` at a time."""
+    batch = []
+    line = reader.line_num + 1
+    for values in reader:
+        if values:
+            batch.append((line, values))
+        line = reader.line_num + 1
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# Processors for Django models
+
+
+class ModelProcessor(Processor):
+    """A processor for a Django model, declared by its key field and the fields it takes.
+
+    Each batch costs one query to find the existing records, one per many-to-many field to
+    find the related objects, and one bulk write; when the database refuses the bulk write,
+    the batch is written again row by row, each in its own savepoint, to find the bad rows.
+    Empty cells and IGNORE_MARKER leave a value as it is (or at its default on create);
+    DELETE_MARKER clears it. Many-to-many fields name their objects by the field given in
+    `related_by`, several separated by `separator`.
+    """
+
+    model: type[models.Model]
+    key = ""
+    fields: tuple[str, ...] = ()
+    related_by: dict[str, str] = {}
+    separator = ";"
+
+    def __init__(self):
+        self.columns = (self.key, *self.fields)
+        self.key_columns = (self.key,)
+
+    def permission(self, mode: str) -> str:
+        action = {"create": "add", "update": "change", "remove": "delete"}[mode]
+        return f"{self.model._meta.app_label}.{action}_{self.model._meta.model_name}"
+
+    def prepare(self, instance: models.Model, row: dict[str, str], mode: str) -> None:
+        """Hook for subclasses: complete `instance` before it is validated."""
+
+    def check_remove(self, instance: models.Model) -> None:
+        """Hook for subclasses: raise RowError for a record that may not be removed."""
+
+    def apply_batch(self, rows: list[dict[str, str]], mode: str) -> dict[int, str]:
+        existing = self.model._default_manager.in_bulk(
+            {row[self.key] for row in rows if row[self.key]}, field_name=self.key
+        )
+        related = self._related_objects(rows)
+        errors, planned, seen = {}, [], set()
+        for index, row in enumerate(rows):
+            try:
+                planned.append((index, *self._plan(row, mode, existing, related, seen)))
+            except RowError as exc:
+                errors[index] = str(exc)
+        try:
+            with transaction.atomic():
+                self._write(planned, mode)
+        except DatabaseError:
+            for plan in planned:
+                try:
+                    with transaction.atomic():
+                        self._write([plan], mode)
+                except DatabaseError as exc:
+                    errors[plan[0]] = f"The database refused the row: {exc}"
+        return errors
+
+    def _plan(self, row, mode, existing, related, seen):
+        """Check one row and return the instance to write, its fields and many-to-many ids."""
+        key = row[self.key]
+        if not key:
+            raise RowError(f"The key column {self.key} is empty.")
+        if key in seen:
+            raise RowError(f"{self.key} {key!r} appears more than once in the file.")
+        seen.add(key)
+        instance = existing.get(key)
+        if mode == "create" and instance is not None:
+            raise RowError(f"{self.key} {key!r} exists already.")
+        if mode != "create" and instance is None:
+            raise RowError(f"There is no record with {self.key} {key!r}.")
+        if mode == "remove":
+            self.check_remove(instance)
+            return instance, [], {}
+        if instance is None:
+            instance = self.model(**{self.key: key})
+        changed, many = self._assign(instance, row, related)
+        self.prepare(instance, row, mode)
+        exclude = set(self.related_by)
+        if mode == "update":
+            # Only what the row changes is checked: old data is not the row's fault.
+            exclude |= {f.name for f in self.model._meta.fields if f.attname not in changed}
+        try:
+            instance.full_clean(exclude=exclude, validate_unique=False, validate_constraints=False)
+        except ValidationError as exc:
+            raise RowError(_validation_message(exc)) from None
+        return instance, changed, many
+
+    def _assign(self, instance, row, related):
+        changed, many = [], {}
+        for name in self.fields:
+            value = row.get(name, "")
+            if value in ("", IGNORE_MARKER):
+                continue
+            field = self.model._meta.get_field(name)
+            if field.many_to_many:
+                many[name] = [] if value == DELETE_MARKER else self._ids(name, value, related)
+            else:
+                python = _empty(field) if value == DELETE_MARKER else _to_python(field, value)
+                setattr(instance, field.attname, python)
+                changed.append(field.attname)
+        return changed, many
+
+    def _related_objects(self, rows) -> dict[str, dict[str, int]]:
+        related = {}
+        for name, attribute in self.related_by.items():
+            wanted = {
+                part.strip()
+                for row in rows
+                for part in row.get(name, "").split(self.separator)
+                if part.strip()
+            }
+            model = self.model._meta.get_field(name).related_model
+            objects = model._default_manager.filter(**{f"{attribute}__in": wanted})
+            related[name] = dict(objects.values_list(attribute, "pk"))
+        return related
+
+    def _ids(self, name, value, related) -> list[int]:
+        names = [part.strip() for part in value.split(self.separator) if part.strip()]
+        unknown = [part for part in names if part not in related[name]]
+        if unknown:
+            raise RowError(f"{name}: unknown {', '.join(unknown)}.")
+        return sorted({related[name][part] for part in names})
+
+    def _write(self, planned, mode) -> None:
+        manager = self.model._default_manager
+        instances = [instance for _, instance, _, _ in planned]
+        if not instances:
+            return
+        if mode == "remove":
+            manager.filter(pk__in=[instance.pk for instance in instances]).delete()
+            return
+        if mode == "create":
+            for instance in instances:
+                instance.pk = None  # a failed bulk write may have left ids behind
+            manager.bulk_create(instances)
+        else:
+            changed = sorted({name for _, _, fields, _ in planned for name in fields})
+            if changed:
+                manager.bulk_update(instances, changed)
+        for name in self.related_by:
+            self._write_related(
+                name, [(i, many[name]) for _, i, _, many in planned if name in many]
+            )
+
+    def _write_related(self, name, pairs) -> None:
+        field = self.model._meta.get_field(name)
+        through = field.remote_field.through
+        source, target = f"{field.m2m_field_name()}_id", f"{field.m2m_reverse_field_name()}_id"
+        through.objects.filter(**{f"{source}__in": [i.pk for i, _ in pairs]}).delete()
+        through.objects.bulk_create(
+            through(**{source: instance.pk, target: pk}) for instance, pks in pairs for pk in pks
+        )
+
+
+def _to_python(field, value: str):
+    if isinstance(field, models.BooleanField):
+        word = value.lower()
+        if word in TRUE_WORDS | FALSE_WORDS:
+            return word in TRUE_WORDS
+        raise RowError(f"{field.name}: {value!r} is neither yes nor no (use 1 or 0).")
+    try:
+        return field.to_python(value)
+    except ValidationError as exc:
+        raise RowError(f"{field.name}: {' '.join(exc.messages)}") from None
+
+
+def _empty(field):
+    if field.null:
+        return None
+    if field.blank and isinstance(field, models.CharField | models.TextField):
+        return ""
+    raise RowError(f"{field.name} cannot be cleared: it needs a value.")
+
+
+def _validation_message(exc: ValidationError) -> str:
+    if hasattr(exc, "error_dict"):
+        return " ".join(
+            f"{name}: {' '.join(messages)}" for name, messages in exc.message_dict.items()
+        )
+    return " ".join(exc.messages)
+
+
+class UserProcessor(ModelProcessor):
+    """User accounts of django.contrib.auth, by username.
+
+    New accounts get an unusable password unless the file gives a hashed one; clear-text
+    passwords are refused. Superusers are never removed by a file.
+    """
+
+    name = "users"
+    title = "User accounts"
+    key = "username"
+    fields = ("email", "first_name", "last_name", "is_active", "is_staff", "groups", "password")
+    related_by = {"groups": "name"}
+
+    def __init__(self):
+        self.model = get_user_model()
+        super().__init__()
+
+    def prepare(self, instance, row, mode):
+        password = row.get("password", "")
+        if password not in ("", IGNORE_MARKER, DELETE_MARKER):
+            try:
+                identify_hasher(password)
+            except ValueError:
+                raise RowError(
+                    "password: only hashed passwords are accepted (as Django stores them, "
+                    "such as pbkdf2_sha256$...); clear-text passwords are refused."
+                ) from None
+        elif mode == "create":
+            instance.set_unusable_password()
+
+    def check_remove(self, instance):
+        if instance.is_superuser:
+            raise RowError("Superuser accounts are not removed by batch processing.")

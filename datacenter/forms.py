@@ -2,6 +2,8 @@ from crispy_forms.helper import FormHelper
 from crispy_forms.layout import Submit
 from django import forms
 
+from .processing import MODES
+
 
 def form_helper(submit_label: str, method: str = "post") -> FormHelper:
     helper = FormHelper()
@@ -52,3 +54,21 @@ class LogSearchForm(forms.Form):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.helper = form_helper("Search", method="get")
+
+
+class ProcessForm(forms.Form):
+    processor = forms.ChoiceField(label="Processor")
+    mode = forms.ChoiceField(label="Mode")
+
+    def __init__(self, *args, processors, fixed_mode=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["processor"].choices = [(p.name, p.title) for p in processors.values()]
+        modes = [fixed_mode] if fixed_mode else MODES
+        self.fields["mode"].choices = [(mode, mode) for mode in modes]
+        if fixed_mode:
+            self.fields["mode"].help_text = (
+                f"The file holds rows that failed in {fixed_mode} mode, so it is processed "
+                "in that mode again."
+            )
+        self.helper = FormHelper()
+        self.helper.form_tag = False

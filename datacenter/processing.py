@@ -11,6 +11,7 @@ import csv
 import fcntl
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -20,9 +21,9 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.contrib.auth.hashers import identify_hasher
+from django.contrib.auth.hashers import UNUSABLE_PASSWORD_PREFIX, identify_hasher
 from django.core.exceptions import ValidationError
-from django.db import DatabaseError, models, transaction
+from django.db import DatabaseError, connections, models, router, transaction
 from django.utils.module_loading import import_string
 
 from .storage import DataCenter
@@ -446,11 +447,35 @@ class ModelProcessor(Processor):
         else:
             changed = sorted({name for _, _, fields, _ in planned for name in fields})
             if changed:
-                manager.bulk_update(instances, changed)
+                self._update(instances, changed)
         for name in self.related_by:
             self._write_related(
                 name, [(i, many[name]) for _, i, _, many in planned if name in many]
             )
+
+    def _update(self, instances, attnames) -> None:
+        """UPDATE the columns `attnames` of `instances`: one statement run for each of them.
+
+        QuerySet.bulk_update builds one CASE expression per value, which costs far more
+        than the database's own work for batches of this size.
+        """
+        connection = connections[router.db_for_write(self.model)]
+        meta = self.model._meta
+        by_attname = {field.attname: field for field in meta.concrete_fields}
+        fields = [by_attname[name] for name in attnames]
+        quote = connection.ops.quote_name
+        assignments = ", ".join(f"{quote(field.column)} = %s" for field in fields)
+        sql = f"UPDATE {quote(meta.db_table)} SET {assignments} WHERE {quote(meta.pk.column)} = %s"
+        params = [
+            [
+                field.get_db_prep_save(getattr(instance, field.attname), connection)
+                for field in fields
+            ]
+            + [instance.pk]
+            for instance in instances
+        ]
+        with connection.cursor() as cursor:
+            cursor.executemany(sql, params)
 
     def _write_related(self, name, pairs) -> None:
         field = self.model._meta.get_field(name)
@@ -518,7 +543,8 @@ class UserProcessor(ModelProcessor):
                     "such as pbkdf2_sha256$...); clear-text passwords are refused."
                 ) from None
         elif mode == "create":
-            instance.set_unusable_password()
+            # What set_unusable_password() stores, without its slow random choice per character.
+            instance.password = UNUSABLE_PASSWORD_PREFIX + secrets.token_hex(20)
 
     def check_remove(self, instance):
         if instance.is_superuser:

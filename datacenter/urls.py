@@ -9,6 +9,7 @@ urlpatterns = [
     path("files/<str:name>/", views.preview, name="preview"),
     path("files/<str:name>/download/", views.download, name="download"),
     path("files/<str:name>/delete/", views.delete, name="delete"),
+    path("files/<str:name>/process/", views.process, name="process"),
     path("finished/", views.finished, name="finished"),
     path(
         "finished/<str:name>/download/",

@@ -1,3 +1,4 @@
+import os
 from functools import wraps
 
 from django.conf import settings
@@ -8,12 +9,14 @@ from django.http import FileResponse, Http404
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods
 
-from .forms import LogSearchForm, RelocateForm, UploadForm
+from .forms import LogSearchForm, ProcessForm, RelocateForm, UploadForm
 from .models import Upload, current_datacenter, relocate_storage
+from .processing import ProcessingError, mode_of_pending_file, process_file, processors
 from .storage import StorageError, read_csv_preview
 from .uploads import UploadError, save_upload
 
 PREVIEW_ROWS = 20
+PREVIEW_ERRORS = 200
 
 
 def datacenter_permission(codename: str):
@@ -102,6 +105,39 @@ def delete(request, name):
         messages.success(request, f"Deleted {file.name}; it was kept as deleted/{deleted_as}.")
         return redirect("datacenter:pending")
     return render(request, "datacenter/delete.html", {"file": file})
+
+
+@datacenter_permission("process_files")
+@require_http_methods(["GET", "POST"])
+@file_or_404
+def process(request, name):
+    """The import wizard: choose processor and mode, try a dry run, then process."""
+    datacenter = current_datacenter()
+    file = datacenter.get_file(name)
+    form = ProcessForm(
+        request.POST or None, processors=processors(), fixed_mode=mode_of_pending_file(name)
+    )
+    context = {"file": file, "form": form}
+    if request.method == "POST" and form.is_valid():
+        processor, mode = form.cleaned_data["processor"], form.cleaned_data["mode"]
+        dry_run = request.POST.get("step") != "process"
+        try:
+            result = process_file(
+                datacenter, name, processor, mode, user=request.user, dry_run=dry_run
+            )
+        except ProcessingError as exc:
+            form.add_error(None, str(exc))
+        else:
+            context |= {"result": result, "errors": result.errors[:PREVIEW_ERRORS]}
+            if dry_run:
+                return render(request, "datacenter/process_dry_run.html", context)
+            context |= {
+                "finished_name": os.path.basename(result.finished_file),
+                "pending_name": result.pending_file and os.path.basename(result.pending_file),
+            }
+            return render(request, "datacenter/process_result.html", context)
+    context["header"], context["rows"] = read_csv_preview(file.path, PREVIEW_ROWS)
+    return render(request, "datacenter/process.html", context)
 
 
 @datacenter_permission("view_files")

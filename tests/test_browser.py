@@ -4,6 +4,7 @@ import os
 import re
 
 import pytest
+from django.contrib.auth.models import Permission, User
 from playwright.sync_api import expect, sync_playwright
 
 from .conftest import PASSWORD, write
@@ -122,3 +123,26 @@ def test_a_viewer_gets_403_on_the_storage_page(page, viewer):
 
     assert response.status == 403
     expect(page.get_by_role("heading", name="Not allowed")).to_be_visible()
+
+
+def test_the_import_wizard(page, clerk, datacenter):
+    clerk.user_permissions.add(*Permission.objects.filter(content_type__app_label="auth"))
+    rows = "username,email,groups\nann,ann@example.org,\nbob,bob@example,\n"
+    write(os.path.join(datacenter.storage, "staff.csv"), rows)
+    log_in(page, "clerk")
+
+    page.get_by_role("row", name="staff.csv").get_by_role("link", name="Process").click()
+    expect(page.locator("#preview tbody tr")).to_have_count(2)
+    page.get_by_label("Mode").select_option("create")
+    page.get_by_role("button", name="Check and try (dry run)").click()
+
+    expect(page.locator("#dry-run-summary")).to_contain_text("1 would succeed")
+    expect(page.locator("#row-errors")).to_contain_text("email: Enter a valid email address.")
+    assert not User.objects.filter(username="ann").exists()
+    page.get_by_role("button", name="Process").click()
+
+    expect(page.locator("#result-summary")).to_contain_text("1 successful")
+    assert User.objects.filter(username="ann").exists()
+    page.get_by_role("link", name="staff.create.pending.csv").click()
+    expect(page.locator("#preview tbody")).to_contain_text("bob@example")
+    expect(page.locator("#preview thead")).to_contain_text("--ERRORS--")

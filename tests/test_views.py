@@ -16,13 +16,19 @@ PAGES = [
     ("datacenter:preview", {"name": "people.csv"}),
     ("datacenter:download", {"name": "people.csv"}),
     ("datacenter:delete", {"name": "people.csv"}),
+    ("datacenter:process", {"name": "people.csv"}),
     ("datacenter:finished", {}),
     ("datacenter:download_finished", {"name": "people.create.finished.csv"}),
     ("datacenter:logs", {}),
     ("datacenter:log", {"name": "datacenter.log"}),
     ("datacenter:storage", {}),
 ]
-VIEWER_MAY_NOT = {"datacenter:upload", "datacenter:delete", "datacenter:storage"}
+VIEWER_MAY_NOT = {
+    "datacenter:upload",
+    "datacenter:delete",
+    "datacenter:process",
+    "datacenter:storage",
+}
 
 
 @pytest.fixture
@@ -132,7 +138,12 @@ def test_finished_download_only_serves_finished_files(clerk_client, files):
 @pytest.mark.parametrize("name", ["..", ".hidden.csv", "finished", "missing.csv", "a\x00.csv"])
 def test_unsafe_or_unknown_names_give_404(clerk_client, files, name):
     write(os.path.join(files.storage, ".hidden.csv"), "a\n")
-    for url_name in ("datacenter:preview", "datacenter:download", "datacenter:delete"):
+    for url_name in (
+        "datacenter:preview",
+        "datacenter:download",
+        "datacenter:delete",
+        "datacenter:process",
+    ):
         assert clerk_client.get(reverse(url_name, kwargs={"name": name})).status_code == 404
 
 

@@ -134,6 +134,8 @@ FILE_UPLOAD_HANDLERS = ["django.core.files.uploadhandler.TemporaryFileUploadHand
 DATACENTER_STORAGE_ROOT = os.environ.get("DATACENTER_STORAGE_ROOT", str(VAR_DIR / "storage"))
 DATACENTER_MAX_UPLOAD_SIZE = env_int("DATACENTER_MAX_UPLOAD_SIZE", 100 * 1024 * 1024)
 DATACENTER_PAGE_SIZE = env_int("DATACENTER_PAGE_SIZE", 25)
+# Batch processors offered for pending files (dotted paths of Processor classes).
+DATACENTER_PROCESSORS = ["datacenter.processing.UserProcessor"]
 
 LOGGING = {
     "version": 1,
@@ -141,5 +143,3 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": os.environ.get("DJANGO_LOG_LEVEL", "INFO")},
 }
-# Batch processors offered for pending files (dotted paths of Processor classes).
-DATACENTER_PROCESSORS = ["datacenter.processing.UserProcessor"]

@@ -175,7 +175,6 @@ def log_search(request, name):
         "lines": lines[:page_size],
         "page_number": page_number,
         "has_next": len(lines) > page_size,
-        "query": query,
     }
     return render(request, "datacenter/log_search.html", context)
 

@@ -57,6 +57,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "crispy_forms",
     "crispy_bootstrap5",
+    "django_tasks_db",
     "datacenter",
     "imports",
 ]
@@ -137,9 +138,15 @@ DATACENTER_PAGE_SIZE = env_int("DATACENTER_PAGE_SIZE", 25)
 # Batch processors offered for pending files (dotted paths of Processor classes).
 DATACENTER_PROCESSORS = ["datacenter.processing.UserProcessor"]
 
+# The CDS import: runs go to a database-backed task queue served by "manage.py db_worker";
+# a run's claim on its source expires after this many seconds without progress.
+TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend"}}
+CDS_CLAIM_LEASE = env_int("CDS_CLAIM_LEASE", 600)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": os.environ.get("DJANGO_LOG_LEVEL", "INFO")},
+    "loggers": {"imports.cds": {"level": "INFO"}},
 }

@@ -7,4 +7,5 @@ urlpatterns = [
     path("accounts/", include("django.contrib.auth.urls")),
     path("admin/", admin.site.urls),
     path("datacenter/", include("datacenter.urls")),
+    path("imports/", include("imports.urls")),
 ]

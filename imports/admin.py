@@ -1,0 +1,97 @@
+import os
+
+from django import forms
+from django.contrib import admin
+
+from .models import CdsSource, ImportedFile, ImportLogEntry, ImportRun
+from .runs import enqueue_import
+
+
+class CdsSourceForm(forms.ModelForm):
+    password = forms.CharField(
+        required=False,
+        widget=forms.PasswordInput(render_value=False),
+        help_text="Never shown again. Leave empty to keep the current password.",
+    )
+
+    class Meta:
+        model = CdsSource
+        fields = [
+            "name",
+            "host",
+            "port",
+            "user",
+            "password",
+            "remote_dir",
+            "spool_dir",
+            "enabled",
+            "timeout",
+            "passive",
+            "encoding",
+            "stable_after",
+        ]
+
+    def clean_password(self):
+        return self.cleaned_data["password"] or self.instance.password
+
+    def clean_spool_dir(self):
+        path = os.path.expanduser(self.cleaned_data["spool_dir"].strip())
+        if not os.path.isabs(path):
+            raise forms.ValidationError("The spool folder must be an absolute path.")
+        return path
+
+
+@admin.register(CdsSource)
+class CdsSourceAdmin(admin.ModelAdmin):
+    form = CdsSourceForm
+    list_display = ("name", "host", "port", "remote_dir", "spool_dir", "enabled")
+    list_filter = ("enabled",)
+    search_fields = ("name", "host")
+    actions = ["run_now"]
+
+    @admin.action(description="Run CDS import now", permissions=["run_import"])
+    def run_now(self, request, queryset):
+        runs = [enqueue_import(source, trigger="admin", user=request.user) for source in queryset]
+        self.message_user(
+            request,
+            f"Queued {len(runs)} import run(s): {', '.join(str(run) for run in runs)}. "
+            "A worker carries them out; their progress is on the imports pages.",
+        )
+
+    def has_run_import_permission(self, request):
+        return request.user.has_perm("imports.run_import")
+
+
+class ReadOnlyInline(admin.TabularInline):
+    extra = 0
+    can_delete = False
+    show_change_link = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+class ImportLogEntryInline(ReadOnlyInline):
+    model = ImportLogEntry
+    fields = ("time", "level", "message", "traceback")
+
+
+class ImportedFileInline(ReadOnlyInline):
+    model = ImportedFile
+    fields = ("name", "size", "outcome", "reason", "local_name", "sha256")
+
+
+@admin.register(ImportRun)
+class ImportRunAdmin(admin.ModelAdmin):
+    list_display = ("__str__", "source", "trigger", "user", "status", "files", "bytes", "finished")
+    list_filter = ("source", "status", "trigger")
+    inlines = [ImportedFileInline, ImportLogEntryInline]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False

@@ -1,0 +1,169 @@
+import os
+from datetime import UTC, datetime, timedelta
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import permission_required
+from django.core.paginator import Paginator
+from django.db.models import Sum
+from django.db.models.functions import TruncDate
+from django.http import FileResponse, Http404
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
+from django.views.decorators.http import require_POST
+
+from .models import CdsSource, ImportRun
+from .runs import enqueue_import
+
+CHART_DAYS = 30
+CHART_HEIGHT = 100  # SVG units; each day is 10 wide
+
+
+def imports_permission(codename: str):
+    return permission_required(f"imports.{codename}", raise_exception=True)
+
+
+def waiting_files(source: CdsSource) -> int | None:
+    try:
+        return len(source.store.list("new"))
+    except FileNotFoundError:
+        return None
+
+
+def files_per_day(days: int = CHART_DAYS) -> list[dict]:
+    """Files imported per day over the last `days` days, oldest first, for the chart."""
+    today = timezone.localdate()
+    first = today - timedelta(days=days - 1)
+    counts = dict(
+        ImportRun.objects.filter(finished__date__gte=first)
+        .annotate(day=TruncDate("finished"))
+        .values_list("day")
+        .annotate(Sum("files"))
+    )
+    top = max(counts.values(), default=0) or 1
+    chart = []
+    for offset in range(days):
+        day = first + timedelta(days=offset)
+        files = counts.get(day, 0)
+        height = CHART_HEIGHT * files / top
+        chart.append(
+            {
+                "day": day,
+                "files": files,
+                "x": offset * 10 + 1,
+                "y": CHART_HEIGHT - height,
+                "height": height,
+            }
+        )
+    return chart
+
+
+@imports_permission("view_importrun")
+def overview(request):
+    sources = [
+        {"source": source, "last_run": source.last_run(), "waiting": waiting_files(source)}
+        for source in CdsSource.objects.all()
+    ]
+    chart = files_per_day()
+    context = {"sources": sources, "chart": chart, "chart_total": sum(d["files"] for d in chart)}
+    return render(request, "imports/overview.html", context)
+
+
+@imports_permission("run_import")
+@require_POST
+def run_now(request, name):
+    source = get_object_or_404(CdsSource, name=name)
+    run = enqueue_import(source, trigger="page", user=request.user)
+    messages.success(request, f"Queued an import of {source}.")
+    return redirect(run)
+
+
+@imports_permission("view_importrun")
+def runs(request):
+    queryset = ImportRun.objects.select_related("source", "user")
+    source, status = request.GET.get("source", ""), request.GET.get("status", "")
+    if source:
+        queryset = queryset.filter(source__name=source)
+    if status:
+        queryset = queryset.filter(status=status)
+    page = Paginator(queryset, settings.DATACENTER_PAGE_SIZE).get_page(request.GET.get("page"))
+    context = {
+        "page": page,
+        "sources": CdsSource.objects.values_list("name", flat=True),
+        "statuses": ImportRun.STATUSES,
+        "source": source,
+        "status": status,
+    }
+    return render(request, "imports/runs.html", context)
+
+
+@imports_permission("view_importrun")
+def run(request, pk):
+    run = get_object_or_404(ImportRun.objects.select_related("source", "user"), pk=pk)
+    context = {
+        "run": run,
+        "entries": run.log_entries.all(),
+        "file_records": run.file_records.all(),
+    }
+    return render(request, "imports/run.html", context)
+
+
+def spool_file(source: CdsSource, folder: str, filename: str) -> str:
+    if folder not in {"new", "cur"}:
+        raise Http404("No such folder.")
+    try:
+        path = source.store.path_of(folder, filename)
+    except FileNotFoundError:
+        raise Http404("No such file.") from None
+    if os.path.islink(path) or not os.path.isfile(path):
+        raise Http404("No such file.")
+    return path
+
+
+@imports_permission("view_importrun")
+def spool(request, name):
+    source = get_object_or_404(CdsSource, name=name)
+    folder = request.GET.get("folder", "new")
+    if folder not in {"new", "cur"}:
+        folder = "new"
+    try:
+        paths = source.store.list(folder)
+    except FileNotFoundError:
+        paths = []
+    files = []
+    for path in paths:
+        stat = os.stat(path)
+        files.append(
+            {
+                "name": os.path.basename(path),
+                "size": stat.st_size,
+                "modified": datetime.fromtimestamp(stat.st_mtime, tz=UTC),
+            }
+        )
+    page = Paginator(files, settings.DATACENTER_PAGE_SIZE).get_page(request.GET.get("page"))
+    return render(
+        request, "imports/spool.html", {"source": source, "folder": folder, "page": page}
+    )
+
+
+@imports_permission("view_importrun")
+def spool_download(request, name, folder, filename):
+    source = get_object_or_404(CdsSource, name=name)
+    path = spool_file(source, folder, filename)
+    return FileResponse(open(path, "rb"), as_attachment=True, filename=filename)
+
+
+@imports_permission("manage_spool")
+@require_POST
+def mark_processed(request, name, filename):
+    source = get_object_or_404(CdsSource, name=name)
+    spool_file(source, "new", filename)
+    try:
+        source.store.move(filename, "new", "cur")
+    except FileExistsError:
+        messages.error(
+            request, f"{filename} is in cur/ already; the file in new/ was left where it is."
+        )
+    else:
+        messages.success(request, f"Marked {filename} as processed (moved to cur/).")
+    return redirect(f"{source.get_absolute_url()}?folder=new")

@@ -1,0 +1,53 @@
+"""A real FTP server (pyftpdlib) on 127.0.0.1 for tests, with hooks for faults."""
+
+import logging
+import threading
+
+from pyftpdlib.authorizers import DummyAuthorizer
+from pyftpdlib.handlers import FTPHandler
+from pyftpdlib.servers import FTPServer
+
+logging.getLogger("pyftpdlib").setLevel(logging.WARNING)
+
+USER, PASSWORD, DIRECTORY = "partner", "secret", "outbox"
+
+
+class ServerThread:
+    """pyftpdlib serving `root` on a free port of 127.0.0.1 in a background thread."""
+
+    def __init__(self, root, handler_class=FTPHandler, **handler_attributes):
+        self.root = root
+        self.dir = root / DIRECTORY
+        self.dir.mkdir(parents=True, exist_ok=True)
+        authorizer = DummyAuthorizer()
+        authorizer.add_user(USER, PASSWORD, str(root), perm="elradfmwMT")
+        handler = type(
+            "TestHandler", (handler_class,), {"authorizer": authorizer, **handler_attributes}
+        )
+        self.server = FTPServer(("127.0.0.1", 0), handler)
+        self.host, self.port = self.server.address[:2]
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"timeout": 0.05}, daemon=True
+        )
+        self.thread.start()
+
+    def stop(self):
+        self.server.close_all()
+        self.thread.join(timeout=5)
+
+    def options(self, store_dir) -> dict:
+        """The arguments of imports.cds.import_ for this server."""
+        return {
+            "store_dir": str(store_dir),
+            "host": self.host,
+            "port": self.port,
+            "user": USER,
+            "password": PASSWORD,
+            "path": DIRECTORY,
+        }
+
+    def put(self, name: str, data: bytes = b"data") -> None:
+        (self.dir / name).write_bytes(data)
+
+    def names(self) -> list[str]:
+        return sorted(path.name for path in self.dir.iterdir())

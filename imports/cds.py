@@ -430,7 +430,7 @@ def _import_file(ftp: ftplib.FTP, store: FileStore, remote: RemoteFile, result: 
         outcome.sha256, outcome.size = _download(ftp, store, remote, local)
     except (*SERVER_ERRORS, *CONNECTION_ERRORS) as exc:
         outcome.reason = _reason(exc)
-        log.error("Could not download %s: %s. It stays on the server.", name, outcome.reason)
+        log.error("Could not download %s (%s); it stays on the server.", name, outcome.reason)
         if isinstance(exc, CONNECTION_ERRORS):
             raise  # the control connection cannot be trusted any more
         return

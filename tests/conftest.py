@@ -82,3 +82,30 @@ def tree(root) -> dict[str, bytes]:
             with open(path, "rb") as handle:
                 result[os.path.relpath(path, root)] = handle.read()
     return result
+
+
+@pytest.fixture
+def start_ftp_server(tmp_path):
+    """Start a real FTP server on 127.0.0.1; stopped after the test."""
+    from .ftp import ServerThread
+
+    servers = []
+
+    def start(**handler_attributes):
+        server = ServerThread(tmp_path / f"ftp{len(servers)}", **handler_attributes)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def ftp_server(start_ftp_server):
+    return start_ftp_server()
+
+
+@pytest.fixture
+def spool(tmp_path):
+    return tmp_path / "spool"

@@ -1,9 +1,12 @@
 """A real FTP server (pyftpdlib) on 127.0.0.1 for tests, with hooks for faults."""
 
+import errno
 import logging
+import os
 import threading
 
 from pyftpdlib.authorizers import DummyAuthorizer
+from pyftpdlib.filesystems import AbstractedFS
 from pyftpdlib.handlers import FTPHandler
 from pyftpdlib.servers import FTPServer
 
@@ -51,3 +54,40 @@ class ServerThread:
 
     def names(self) -> list[str]:
         return sorted(path.name for path in self.dir.iterdir())
+
+
+class FaultyFS(AbstractedFS):
+    """A filesystem that refuses to send some files and cuts others short.
+
+    `refused` and `cut_short` are sets of file names, set on a subclass by the test.
+    """
+
+    refused: frozenset = frozenset()
+    cut_short: frozenset = frozenset()
+
+    def open(self, filename, mode):
+        name = os.path.basename(filename)
+        if "r" in mode and name in self.refused:
+            raise PermissionError(errno.EACCES, "Refused by the test", filename)
+        handle = super().open(filename, mode)
+        if "r" in mode and name in self.cut_short:
+            return CutShortFile(handle)
+        return handle
+
+
+class CutShortFile:
+    """Reads 1,000 bytes, then fails like a connection that breaks."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.name = handle.name
+        self.closed = False
+
+    def read(self, size=-1):
+        if self.handle.tell() >= 1000:
+            raise ConnectionResetError(errno.ECONNRESET, "Connection dropped by the test")
+        return self.handle.read(min(size, 1000) if size > 0 else 1000)
+
+    def close(self):
+        self.closed = True
+        self.handle.close()

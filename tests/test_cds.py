@@ -1,0 +1,445 @@
+"""The CDS protocol against a real FTP server (pyftpdlib on 127.0.0.1)."""
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from pyftpdlib.handlers import ThrottledDTPHandler
+
+from imports import cds
+from imports.cds import import_
+from imports.spool import FileStore
+
+from .ftp import FaultyFS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def cds_log(caplog):
+    caplog.set_level(logging.INFO, logger="imports.cds")
+    return caplog
+
+
+def messages(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name == "imports.cds"]
+
+
+def opening(server, spool) -> list[str]:
+    return [
+        "Starting import.",
+        f"Accessed filestore {spool}",
+        f"Connecting to CDS FTP server (host 127.0.0.1, port {server.port}, user partner, "
+        "dir outbox)",
+    ]
+
+
+LOCKED_SESSION = ["Creating lock file: read", "Lock file successfully created: read"]
+CLOSING = [
+    "Removing lock file: read",
+    "Lock file successfully removed: read",
+    "Disconnected from CDS FTP server",
+    "Exiting with success.",
+]
+
+
+def spooled(spool, folder="new") -> dict[str, bytes]:
+    path = Path(spool) / folder
+    return {item.name: item.read_bytes() for item in sorted(path.iterdir())}
+
+
+# The seed document's scenarios
+
+
+def test_seed_import(ftp_server, spool, cds_log):
+    ftp_server.put("a.xml", b"<a/>")
+    ftp_server.put("b.xml", b"<b/>")
+
+    result = import_(**ftp_server.options(spool))
+
+    assert messages(cds_log) == [
+        *opening(ftp_server, spool),
+        *LOCKED_SESSION,
+        "Downloading: a.xml",
+        "File removed on server: a.xml",
+        "Moved from 'tmp' to 'new': a.xml",
+        "Downloading: b.xml",
+        "File removed on server: b.xml",
+        "Moved from 'tmp' to 'new': b.xml",
+        *CLOSING,
+    ]
+    assert spooled(spool) == {"a.xml": b"<a/>", "b.xml": b"<b/>"}
+    assert ftp_server.names() == []
+    assert result.status == cds.SUCCESS
+    assert [(f.name, f.size) for f in result.delivered] == [("a.xml", 4), ("b.xml", 4)]
+    assert result.bytes == 8
+    assert sorted(os.listdir(spool)) == ["cur", "new", "tmp"]
+
+
+def test_seed_nothing_to_import(ftp_server, spool, cds_log):
+    result = import_(**ftp_server.options(spool))
+
+    assert messages(cds_log) == [
+        *opening(ftp_server, spool),
+        *LOCKED_SESSION,
+        "No new files to import.",
+        *CLOSING,
+    ]
+    assert result.status == cds.NOTHING
+    assert ftp_server.names() == []
+
+
+def test_seed_missing_directory_fails_before_any_lock(ftp_server, spool, cds_log):
+    options = ftp_server.options(spool) | {"path": "missing"}
+
+    result = import_(**options)
+
+    assert messages(cds_log) == [
+        "Starting import.",
+        f"Accessed filestore {spool}",
+        f"Connecting to CDS FTP server (host 127.0.0.1, port {ftp_server.port}, user partner, "
+        "dir missing)",
+        "Error accessing FTP server.",
+        "Exiting with exception:",
+    ]
+    last = cds_log.records[-1]
+    assert last.levelname == "ERROR"
+    traceback = cds_log.text.strip().splitlines()
+    assert traceback[-1].endswith("PermanentError: 550 No such file or directory.")
+    assert result.status == cds.FAILED
+    assert sorted(path.name for path in ftp_server.root.iterdir()) == ["outbox"]
+
+
+# Delivery guarantees
+
+
+def test_a_refused_file_stays_on_the_server_and_the_run_goes_on(start_ftp_server, spool):
+    server = start_ftp_server(
+        abstracted_fs=type("FS", (FaultyFS,), {"refused": frozenset({"b.xml"})})
+    )
+    for name in ("a.xml", "b.xml", "c.xml"):
+        server.put(name, name.encode())
+
+    result = import_(**server.options(spool))
+
+    assert result.status == cds.FAILED
+    assert server.names() == ["b.xml"]
+    assert spooled(spool) == {"a.xml": b"a.xml", "c.xml": b"c.xml"}
+    assert spooled(spool, "tmp") == {}
+    assert not os.listdir(Path(spool) / "tmp")
+    failed = [f for f in result.files if f.outcome == "failed"]
+    assert [(f.name, f.reason[:3]) for f in failed] == [("b.xml", "550")]
+
+
+def test_a_dropped_data_connection_keeps_the_file_on_the_server(start_ftp_server, spool):
+    server = start_ftp_server(
+        abstracted_fs=type("FS", (FaultyFS,), {"cut_short": frozenset({"big.bin"})}),
+        use_sendfile=False,
+    )
+    server.put("big.bin", os.urandom(100_000))
+    server.put("small.txt", b"small")
+
+    result = import_(**server.options(spool))
+
+    assert server.names() == ["big.bin"]
+    assert spooled(spool) == {"small.txt": b"small"}
+    assert os.listdir(Path(spool) / "tmp") == []
+    assert [f.outcome for f in result.files] == ["failed", "delivered"]
+    assert result.files[0].reason.startswith("426")
+
+
+def test_a_short_download_is_caught_by_the_size_check(ftp_server, spool, monkeypatch):
+    ftp_server.put("a.xml", b"0123456789")
+    # A server that says the transfer completed after sending part of the file: only the
+    # listed size tells.
+    real_listing = cds._listing
+
+    def bigger_listing(ftp, with_links):
+        entries = real_listing(ftp, with_links)
+        for entry in entries:
+            if entry.name == "a.xml":
+                entry.size = 20
+        return entries
+
+    monkeypatch.setattr(cds, "_listing", bigger_listing)
+
+    result = import_(**ftp_server.options(spool))
+
+    assert result.files[0].reason == "received 10 of 20 bytes"
+    assert ftp_server.names() == ["a.xml"]
+    assert spooled(spool) == {}
+    assert os.listdir(Path(spool) / "tmp") == []
+
+
+def test_a_name_taken_in_the_spool_is_never_overwritten(ftp_server, spool, cds_log):
+    store = FileStore(spool)
+    store.prepare()
+    (Path(spool) / "new" / "a.xml").write_bytes(b"old new")
+    (Path(spool) / "cur" / "a.xml.1").write_bytes(b"old cur")
+    ftp_server.put("a.xml", b"newcomer")
+
+    result = import_(**ftp_server.options(spool))
+
+    assert spooled(spool) == {"a.xml": b"old new", "a.xml.2": b"newcomer"}
+    assert spooled(spool, "cur") == {"a.xml.1": b"old cur"}
+    assert result.delivered[0].local_name == "a.xml.2"
+    assert (
+        "A file named a.xml is in the spool already; the new one is stored as a.xml.2."
+        in messages(cds_log)
+    )
+
+
+def test_leftovers_of_a_crash_are_repaired(ftp_server, spool, cds_log):
+    FileStore(spool).prepare()
+    tmp = Path(spool) / "tmp"
+    (tmp / ".half.xml.part").write_bytes(b"half")
+    (tmp / "whole.xml").write_bytes(b"whole")
+
+    import_(**ftp_server.options(spool))
+
+    assert os.listdir(tmp) == []
+    assert spooled(spool) == {"whole.xml": b"whole"}
+    log = messages(cds_log)
+    assert "Discarded a partial download of an earlier run: half.xml" in log
+    assert "Moved from 'tmp' to 'new': whole.xml" in log
+
+
+def test_a_delivery_cut_off_before_the_remote_removal_is_finished_once(
+    ftp_server, spool, cds_log
+):
+    # What a run killed after its download was complete but before it removed the file on
+    # the server leaves behind: the file and its journal in tmp/.
+    ftp_server.put("a.xml", b"payload")
+    ftp_server.put("b.xml", b"other")
+    FileStore(spool).prepare()
+    tmp = Path(spool) / "tmp"
+    (tmp / "a.xml").write_bytes(b"payload")
+    (tmp / ".a.xml.journal").write_text('{"remote": "a.xml", "size": 7, "modify": null}')
+
+    result = import_(**ftp_server.options(spool))
+
+    assert spooled(spool) == {"a.xml": b"payload", "b.xml": b"other"}
+    assert ftp_server.names() == []
+    assert os.listdir(tmp) == []
+    log = messages(cds_log)
+    assert "Downloading: a.xml" not in log
+    assert "File removed on server: a.xml" in log
+    assert [f.reason for f in result.delivered] == [
+        "completed the delivery of an earlier run",
+        "",
+    ]
+
+
+def test_an_importer_killed_mid_file_is_repaired_by_the_next_run(start_ftp_server, spool):
+    slow = type("SlowDTP", (ThrottledDTPHandler,), {"read_limit": 0, "write_limit": 64 * 1024})
+    server = start_ftp_server(dtp_handler=slow)
+    payload = os.urandom(2 * 1024 * 1024)
+    server.put("big.bin", payload)
+    script = (
+        "import sys; from imports.cds import import_; "
+        f"import_({str(spool)!r}, '127.0.0.1', {server.port}, 'partner', 'secret', 'outbox')"
+    )
+    importer = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    partial = Path(spool) / "tmp" / ".big.bin.part"
+    try:
+        deadline = time.monotonic() + 30
+        while not (partial.exists() and partial.stat().st_size > 0):
+            assert importer.poll() is None, "the importer ended before the kill"
+            assert time.monotonic() < deadline, "no partial download appeared"
+            time.sleep(0.05)
+    finally:
+        importer.kill()
+        importer.wait()
+    assert server.names() == ["big.bin", "read"]  # our lock, left by the killed process
+    slow.write_limit = 0
+
+    result = import_(**server.options(spool))
+
+    assert result.status == cds.SUCCESS
+    assert spooled(spool) == {"big.bin": payload}
+    assert server.names() == []
+    assert os.listdir(Path(spool) / "tmp") == []
+
+
+def test_hostile_names_from_the_server_are_refused(start_ftp_server, spool, tmp_path):
+    hostile = ["../escape.txt", "sub/dir.txt", "bell\x07.txt", "back\\slash.txt"]
+
+    class HostileFS(FaultyFS):
+        def listdir(self, path):
+            return super().listdir(path) + hostile
+
+        def stat(self, path):
+            if os.path.basename(path) in {"escape.txt", "dir.txt", "bell\x07.txt"} or (
+                "\\" in path
+            ):
+                return os.stat(os.path.join(self.root, "outbox", "ok.txt"))
+            return super().stat(path)
+
+        lstat = stat
+
+    server = start_ftp_server(abstracted_fs=HostileFS)
+    server.put("ok.txt", b"fine")
+
+    result = import_(**server.options(spool))
+
+    skipped = {f.name: f.reason for f in result.files if f.outcome == "skipped"}
+    assert skipped == {
+        "../escape.txt": "the name contains a path separator",
+        "sub/dir.txt": "the name contains a path separator",
+        "bell\x07.txt": "the name contains control characters",
+        "back\\slash.txt": "the name contains a path separator",
+    }
+    assert spooled(spool) == {"ok.txt": b"fine"}
+    assert not (tmp_path / "escape.txt").exists()
+    assert not (Path(spool) / "escape.txt").exists()
+
+
+def test_folders_dotfiles_and_links_stay_on_the_server(ftp_server, spool):
+    ftp_server.put("real.txt", b"real")
+    ftp_server.put(".hidden", b"hidden")
+    (ftp_server.dir / "folder").mkdir()
+    (ftp_server.dir / "folder" / "inner.txt").write_bytes(b"inner")
+    os.symlink("real.txt", ftp_server.dir / "link.txt")
+
+    result = import_(**ftp_server.options(spool))
+
+    assert spooled(spool) == {"real.txt": b"real"}
+    assert ftp_server.names() == [".hidden", "folder", "link.txt"]
+    assert {f.name: f.reason for f in result.files if f.outcome == "skipped"} == {
+        ".hidden": "hidden file",
+        "folder": "a folder",
+        "link.txt": "a symbolic link",
+    }
+
+
+def test_the_partners_write_lock_keeps_us_out(ftp_server, spool, cds_log):
+    ftp_server.put("write", b"uploading")
+    ftp_server.put("a.xml", b"<a/>")
+
+    result = import_(**ftp_server.options(spool))
+
+    assert messages(cds_log) == [
+        *opening(ftp_server, spool),
+        "Cannot access CDS FTP server as 'write' lockfile exists.",
+        "Exiting.",
+    ]
+    assert result.status == cds.LOCKED
+    assert ftp_server.names() == ["a.xml", "write"]
+    assert spooled(spool) == {}
+
+
+def test_somebody_elses_read_lock_is_respected(ftp_server, spool, cds_log):
+    ftp_server.put("read", b"another reader")
+    ftp_server.put("a.xml", b"<a/>")
+
+    result = import_(**ftp_server.options(spool))
+
+    assert result.status == cds.LOCKED
+    assert "Cannot access CDS FTP server as 'read' lockfile exists." in messages(cds_log)
+    assert ftp_server.names() == ["a.xml", "read"]
+
+
+def own_lock(pid: int, written: str = "2026-01-01T00:00:00+00:00") -> bytes:
+    return (
+        f"This is a lock file.\n{cds.LOCK_MARKER}\nhost={socket.gethostname()}\n"
+        f"pid={pid}\nrun=test\ntime={written}\n"
+    ).encode()
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_our_own_stale_read_lock_is_removed(ftp_server, spool, cds_log):
+    ftp_server.put("read", own_lock(dead_pid()))
+    ftp_server.put("a.xml", b"<a/>")
+
+    result = import_(**ftp_server.options(spool))
+
+    assert result.status == cds.SUCCESS
+    assert ftp_server.names() == []
+    assert any(
+        message.startswith("Removing a stale lock file of our own: read")
+        for message in messages(cds_log)
+    )
+
+
+def test_our_own_lock_of_a_live_run_is_respected(ftp_server, spool):
+    from datetime import UTC, datetime
+
+    ftp_server.put("read", own_lock(os.getpid(), datetime.now(UTC).isoformat()))
+
+    assert import_(**ftp_server.options(spool)).status == cds.LOCKED
+    assert ftp_server.names() == ["read"]
+
+
+def test_a_server_that_never_answers_fails_within_the_timeout(spool):
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+    thread = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
+    thread.start()
+    try:
+        result = import_(
+            str(spool), "127.0.0.1", listener.getsockname()[1], "u", "p", "outbox", timeout=0.5
+        )
+    finally:
+        listener.close()
+        for connection, _ in accepted:
+            connection.close()
+
+    assert result.status == cds.FAILED
+    assert "timed out" in result.error
+
+
+def test_active_mode_and_latin1_names(start_ftp_server, spool):
+    server = start_ftp_server(encoding="latin-1")
+    server.put("café.xml", b"<c/>")
+
+    result = import_(**server.options(spool), passive=False, encoding="latin-1")
+
+    assert result.status == cds.SUCCESS
+    assert spooled(spool) == {"café.xml": b"<c/>"}
+
+
+def test_the_stability_check_waits_for_files_still_growing(ftp_server, spool):
+    ftp_server.put("done.xml", b"done")
+    old = time.time() - 3600
+    os.utime(ftp_server.dir / "done.xml", (old, old))
+    ftp_server.put("young.xml", b"young")
+    growing = ftp_server.dir / "growing.xml"
+    growing.write_bytes(b"start")
+    os.utime(growing, (old, old))
+    writer = threading.Timer(0.3, lambda: growing.write_bytes(b"start and more"))
+    writer.start()
+
+    result = import_(**ftp_server.options(spool), stable_after=600, stability_interval=1)
+    writer.join()
+
+    assert spooled(spool) == {"done.xml": b"done"}
+    assert ftp_server.names() == ["growing.xml", "young.xml"]
+    assert {f.name: f.reason for f in result.files if f.outcome == "skipped"} == {
+        "growing.xml": "still being written (its size changed)",
+        "young.xml": "younger than 600 s",
+    }
+
+
+def test_downloads_stream_in_constant_memory(ftp_server, spool):
+    ftp_server.put("large.bin", os.urandom(16 * 1024 * 1024))
+    tracemalloc.start()
+    try:
+        result = import_(**ftp_server.options(spool))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert result.status == cds.SUCCESS
+    assert peak < 2 * 1024 * 1024

@@ -5,7 +5,10 @@ import re
 
 import pytest
 from django.contrib.auth.models import Permission, User
+from django.core.management import call_command
 from playwright.sync_api import expect, sync_playwright
+
+from imports.models import CdsSource
 
 from .conftest import PASSWORD, write
 
@@ -146,3 +149,34 @@ def test_the_import_wizard(page, clerk, datacenter):
     page.get_by_role("link", name="staff.create.pending.csv").click()
     expect(page.locator("#preview tbody")).to_contain_text("bob@example")
     expect(page.locator("#preview thead")).to_contain_text("--ERRORS--")
+
+
+def test_run_an_import_from_the_overview_and_watch_it_complete(page, clerk, ftp_server, spool):
+    clerk.user_permissions.add(
+        *Permission.objects.filter(codename__in=["view_importrun", "run_import"])
+    )
+    CdsSource.objects.create(
+        name="partner",
+        host=ftp_server.host,
+        port=ftp_server.port,
+        user="partner",
+        password="secret",
+        remote_dir="outbox",
+        spool_dir=str(spool),
+        timeout=5,
+    )
+    ftp_server.put("story.xml", b"<story/>")
+    log_in(page, "clerk")
+
+    page.get_by_role("link", name="CDS imports").click()
+    page.get_by_role("row", name="partner").get_by_role("button", name="Run now").click()
+    expect(page.locator("#run-status")).to_have_text("queued")
+
+    # The worker that the README's serve command starts beside the web server.
+    call_command("db_worker", "--batch", "--no-startup-delay", "--no-reload")
+
+    expect(page.locator("#run-status")).to_have_text("success")
+    expect(page.locator("#run-log")).to_contain_text("Moved from 'tmp' to 'new': story.xml")
+    expect(page.locator("#run-files")).to_contain_text("delivered")
+    page.get_by_role("link", name="CDS imports").click()
+    expect(page.get_by_role("row", name="partner")).to_contain_text("1")

@@ -211,9 +211,7 @@ def test_leftovers_of_a_crash_are_repaired(ftp_server, spool, cds_log):
     assert "Moved from 'tmp' to 'new': whole.xml" in log
 
 
-def test_a_delivery_cut_off_before_the_remote_removal_is_finished_once(
-    ftp_server, spool, cds_log
-):
+def test_a_delivery_cut_off_before_the_remote_removal_is_finished_once(ftp_server, spool, cds_log):
     # What a run killed after its download was complete but before it removed the file on
     # the server leaves behind: the file and its journal in tmp/.
     ftp_server.put("a.xml", b"payload")

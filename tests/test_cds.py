@@ -441,3 +441,23 @@ def test_downloads_stream_in_constant_memory(ftp_server, spool):
 
     assert result.status == cds.SUCCESS
     assert peak < 2 * 1024 * 1024
+
+
+def test_the_devserver_command_serves_a_folder(tmp_path, spool):
+    (tmp_path / "outbox").mkdir()
+    (tmp_path / "outbox" / "a.xml").write_bytes(b"<a/>")
+    server = subprocess.Popen(
+        [sys.executable, "manage.py", "cds_devserver", "--root", str(tmp_path), "--port", "0"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        port = int(server.stdout.readline().split("ftp://127.0.0.1:")[1].split("/")[0])
+        result = import_(str(spool), "127.0.0.1", port, "cds", "cds", "outbox")
+    finally:
+        server.terminate()
+        server.wait()
+
+    assert result.status == cds.SUCCESS
+    assert spooled(spool) == {"a.xml": b"<a/>"}

@@ -33,6 +33,7 @@ class Command(BaseCommand):
             f"Serving {root_path} on ftp://{host}:{server.address[1]}/ "
             f"(user {user!r}, password {password!r}). Stop with Ctrl-C."
         )
+        self.stdout.flush()
         try:
             server.serve_forever()
         except KeyboardInterrupt:

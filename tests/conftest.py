@@ -109,3 +109,20 @@ def ftp_server(start_ftp_server):
 @pytest.fixture
 def spool(tmp_path):
     return tmp_path / "spool"
+
+
+@pytest.fixture
+def source(db, ftp_server, spool):
+    """A CDS source of the test FTP server, named partner."""
+    from imports.models import CdsSource
+
+    return CdsSource.objects.create(
+        name="partner",
+        host=ftp_server.host,
+        port=ftp_server.port,
+        user="partner",
+        password="secret",
+        remote_dir="outbox",
+        spool_dir=str(spool),
+        timeout=5,
+    )

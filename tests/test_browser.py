@@ -8,8 +8,6 @@ from django.contrib.auth.models import Permission, User
 from django.core.management import call_command
 from playwright.sync_api import expect, sync_playwright
 
-from imports.models import CdsSource
-
 from .conftest import PASSWORD, write
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
@@ -151,19 +149,9 @@ def test_the_import_wizard(page, clerk, datacenter):
     expect(page.locator("#preview thead")).to_contain_text("--ERRORS--")
 
 
-def test_run_an_import_from_the_overview_and_watch_it_complete(page, clerk, ftp_server, spool):
+def test_run_an_import_from_the_overview_and_watch_it_complete(page, clerk, source, ftp_server):
     clerk.user_permissions.add(
         *Permission.objects.filter(codename__in=["view_importrun", "run_import"])
-    )
-    CdsSource.objects.create(
-        name="partner",
-        host=ftp_server.host,
-        port=ftp_server.port,
-        user="partner",
-        password="secret",
-        remote_dir="outbox",
-        spool_dir=str(spool),
-        timeout=5,
     )
     ftp_server.put("story.xml", b"<story/>")
     log_in(page, "clerk")

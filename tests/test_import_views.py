@@ -12,20 +12,6 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def source(ftp_server, spool):
-    return CdsSource.objects.create(
-        name="partner",
-        host=ftp_server.host,
-        port=ftp_server.port,
-        user="partner",
-        password="secret",
-        remote_dir="outbox",
-        spool_dir=str(spool),
-        timeout=5,
-    )
-
-
-@pytest.fixture
 def operator(django_user_model):
     user = django_user_model.objects.create_user("operator", password="x")
     user.user_permissions.set(

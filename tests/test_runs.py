@@ -15,20 +15,6 @@ from imports.runs import claim, run_import
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def source(ftp_server, spool):
-    return CdsSource.objects.create(
-        name="partner",
-        host=ftp_server.host,
-        port=ftp_server.port,
-        user="partner",
-        password="secret",
-        remote_dir="outbox",
-        spool_dir=str(spool),
-        timeout=5,
-    )
-
-
 def test_a_run_is_recorded_with_its_files_and_every_log_line(source, ftp_server, clerk):
     ftp_server.put("a.xml", b"<a/>")
 

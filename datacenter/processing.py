@@ -183,14 +183,15 @@ def process_file(
     started = time.monotonic()
     with open(source.path, encoding="utf-8-sig", newline="") as handle, _claimed(handle, source):
         reader = csv.reader(handle)
-        header = next(reader, None) or []
+        records = _records(reader, filename)
+        header = next(records, None) or []
         problems = check_header(processor, header, mode) if header else ["The file is empty."]
         if problems:
             raise ProcessingError(" ".join(problems))
         output_dir = None if dry_run else tempfile.mkdtemp(prefix="datacenter-")
         try:
             with transaction.atomic():
-                result = _process_rows(reader, header, processor, mode, output_dir)
+                result = _process_rows(records, reader, header, processor, mode, output_dir)
                 transaction.set_rollback(dry_run)
             result.seconds = time.monotonic() - started
             if dry_run:
@@ -237,13 +238,24 @@ def _claimed(handle, source) -> Iterator[None]:
     yield
 
 
-def _process_rows(reader, header, processor, mode, output_dir) -> ProcessResult:
+def _records(reader, filename: str) -> Iterator[list[str]]:
+    """The records of `reader`; a file that is no UTF-8 CSV raises ProcessingError."""
+    try:
+        yield from reader
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ProcessingError(
+            f"{filename} is not a readable UTF-8 CSV file (near line {reader.line_num}): "
+            f"{exc}. Nothing was changed."
+        ) from None
+
+
+def _process_rows(records, reader, header, processor, mode, output_dir) -> ProcessResult:
     result = ProcessResult()
     columns = [column.strip() for column in header]
     output_columns = [column for column in header if column.strip() != ERROR_COLUMN]
     keep = [index for index, column in enumerate(columns) if column != ERROR_COLUMN]
     with _writers(output_dir, output_columns) as (finished, pending):
-        for batch in _batches(reader, processor.batch_size):
+        for batch in _batches(records, reader, processor.batch_size):
             well_formed = [values for _, values in batch if len(values) == len(columns)]
             rows = [{columns[i]: values[i].strip() for i in keep} for values in well_formed]
             errors = processor.apply_batch(rows, mode) if rows else {}
@@ -294,11 +306,11 @@ def _writers(output_dir, columns):
         yield finished, pending
 
 
-def _batches(reader, size: int) -> Iterable[list[tuple[int, list[str]]]]:
+def _batches(records, reader, size: int) -> Iterable[list[tuple[int, list[str]]]]:
     """(line where the row starts, values) of the non-empty rows, `size` at a time."""
     batch = []
     line = reader.line_num + 1
-    for values in reader:
+    for values in records:
         if values:
             batch.append((line, values))
         line = reader.line_num + 1

@@ -527,7 +527,9 @@ def _move_tree(source_dir: str, dest_dir: str, overwrite: bool, not_moved: dict,
 
 def _move_entry(source: str, dest: str) -> None:
     if os.path.islink(source):
-        temp_path = f"{dest}.moving-{os.getpid()}"
+        temp_path = os.path.join(
+            os.path.dirname(dest), f".{os.path.basename(dest)}.moving-{os.getpid()}"
+        )
         os.symlink(os.readlink(source), temp_path)
     else:
         temp_path = _copy_beside(source, dest)

@@ -207,6 +207,19 @@ def test_bad_headers_are_refused_and_nothing_changes(datacenter, header, mode, m
     assert not User.objects.exists()
 
 
+def test_a_file_that_is_not_utf8_is_refused_and_nothing_changes(datacenter):
+    pending(datacenter, "latin.csv", "username,first_name\nann,Ann\n")
+    with open(os.path.join(datacenter.storage, "latin.csv"), "ab") as handle:
+        handle.write("jürgen,Jürgen\n".encode("latin-1"))
+    before = tree(datacenter.storage)
+
+    with pytest.raises(ProcessingError, match="not a readable UTF-8 CSV file"):
+        process_file(datacenter, "latin.csv", "users", "create")
+
+    assert tree(datacenter.storage) == before
+    assert not User.objects.exists()
+
+
 def test_a_pending_file_keeps_its_mode(datacenter):
     pending(datacenter, "a.update.pending.csv", "username\nann\n")
 

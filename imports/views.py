@@ -1,16 +1,16 @@
 import os
 from datetime import UTC, datetime, timedelta
 
-from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
-from django.core.paginator import Paginator
 from django.db.models import Sum
 from django.db.models.functions import TruncDate
 from django.http import FileResponse, Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_POST
+
+from datacenter.views import paginate
 
 from .models import CdsSource, ImportRun
 from .runs import enqueue_import
@@ -86,7 +86,7 @@ def runs(request):
         queryset = queryset.filter(source__name=source)
     if status:
         queryset = queryset.filter(status=status)
-    page = Paginator(queryset, settings.DATACENTER_PAGE_SIZE).get_page(request.GET.get("page"))
+    page = paginate(request, queryset)
     context = {
         "page": page,
         "sources": CdsSource.objects.values_list("name", flat=True),
@@ -140,7 +140,7 @@ def spool(request, name):
                 "modified": datetime.fromtimestamp(stat.st_mtime, tz=UTC),
             }
         )
-    page = Paginator(files, settings.DATACENTER_PAGE_SIZE).get_page(request.GET.get("page"))
+    page = paginate(request, files)
     return render(
         request, "imports/spool.html", {"source": source, "folder": folder, "page": page}
     )

@@ -103,8 +103,6 @@ class Processor:
 
 def check_header(processor: Processor, header: list[str], mode: str) -> list[str]:
     """What is wrong with the header row of a file for `processor` in `mode`, in words."""
-    if mode not in MODES:
-        return [f"Unknown mode {mode!r}: choose one of {', '.join(MODES)}."]
     columns = [column.strip() for column in header if column.strip() != ERROR_COLUMN]
     problems = []
     duplicates = sorted({column for column in columns if columns.count(column) > 1})
@@ -252,8 +250,8 @@ def _records(reader, filename: str) -> Iterator[list[str]]:
 def _process_rows(records, reader, header, processor, mode, output_dir) -> ProcessResult:
     result = ProcessResult()
     columns = [column.strip() for column in header]
-    output_columns = [column for column in header if column.strip() != ERROR_COLUMN]
     keep = [index for index, column in enumerate(columns) if column != ERROR_COLUMN]
+    output_columns = [header[index] for index in keep]
     with _writers(output_dir, output_columns) as (finished, pending):
         for batch in _batches(records, reader, processor.batch_size):
             well_formed = [values for _, values in batch if len(values) == len(columns)]

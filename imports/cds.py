@@ -123,8 +123,12 @@ def import_(
         "Connecting to CDS FTP server (host %s, port %s, user %s, dir %s)", host, port, user, path
     )
     result = ImportResult()
+
+    def connect() -> ftplib.FTP:
+        return _connect(host, port, user, password, timeout, passive, encoding)
+
     try:
-        ftp = _connect(host, port, user, password, timeout, passive, encoding)
+        ftp = connect()
     except (*SERVER_ERRORS, *CONNECTION_ERRORS) as exc:
         log.error("Could not connect to CDS FTP server.")
         return _failed(result, exc)
@@ -160,13 +164,13 @@ def import_(
     except (*SERVER_ERRORS, *CONNECTION_ERRORS) as exc:
         log.error("Error accessing FTP server.")
         if locked:
-            _remove_lock(ftp, host, port, user, password, path, timeout, passive, encoding)
+            _remove_lock(ftp, connect, path)
             log.info("Disconnected from CDS FTP server")
         else:
             _close(ftp)
         return _failed(result, exc)
 
-    _remove_lock(ftp, host, port, user, password, path, timeout, passive, encoding)
+    _remove_lock(ftp, connect, path)
     log.info("Disconnected from CDS FTP server")
     failed = [file for file in result.files if file.outcome == "failed"]
     if failed:
@@ -276,7 +280,7 @@ def _process_alive(pid: str | None) -> bool:
     return True
 
 
-def _remove_lock(ftp, host, port, user, password, path, timeout, passive, encoding) -> None:
+def _remove_lock(ftp: ftplib.FTP, connect: Callable[[], ftplib.FTP], path: str) -> None:
     """Remove our ``read`` lock, on a new connection if the old one is broken."""
     log.info("Removing lock file: %s", READ_LOCK)
     try:
@@ -284,7 +288,7 @@ def _remove_lock(ftp, host, port, user, password, path, timeout, passive, encodi
     except (*SERVER_ERRORS, *CONNECTION_ERRORS):
         ftp.close()
         try:
-            ftp = _connect(host, port, user, password, timeout, passive, encoding)
+            ftp = connect()
             ftp.cwd(path)
             if READ_LOCK in ftp.nlst():  # the broken connection may have removed it
                 ftp.delete(READ_LOCK)

@@ -10,57 +10,68 @@ that dies anywhere is repaired by the next one: partial downloads are discarded,
 finish their journey without being downloaded twice.
 """
 
-import ftplib
 import hashlib
 import json
 import logging
 import os
-import re
-import socket
+import ssl
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from io import BytesIO
 
-from .spool import FileStore
+from .processes import HOST, died_on_this_host
+from .spool import FileStore, sync_folder
+from .transports import (
+    CONNECTION_ERRORS,
+    SERVER_ERRORS,
+    PermanentError,
+    RemoteEntry,
+    TemporaryError,
+    open_transport,
+)
+
+__all__ = ["PermanentError", "TemporaryError", "import_", "name_problem"]
 
 log = logging.getLogger("imports.cds")
 
 SUCCESS, NOTHING, LOCKED, FAILED = "success", "nothing", "locked", "failed"
 READ_LOCK, WRITE_LOCK = "read", "write"
-LOCK_MARKER = "Written by the datacenter CDS import."
-CHUNK_SIZE = 64 * 1024
-PARTIAL = re.compile(r"^\.(?P<name>.+)\.part$")
-JOURNAL = re.compile(r"^\.(?P<name>.+)\.journal$")
-UNIX_LIST_LINE = re.compile(
-    r"^(?P<kind>[-dlcbps])\S{9}\S*\s+\d+\s+\S+\s+\S+\s+(?P<size>\d+)\s+"
-    r"\w{3}\s+\d{1,2}\s+[\d:]{4,5}\s(?P<name>.+)$"
-)
-CONNECTION_ERRORS = (OSError, EOFError)
-
-
-class PermanentError(Exception):
-    """A permanent (5xx) reply of the FTP server."""
-
-
-class TemporaryError(Exception):
-    """A temporary (4xx) reply of the FTP server."""
+LOCK_NAMES = {READ_LOCK.encode(), WRITE_LOCK.encode()}
+MAX_NAME_BYTES = 240  # leaves room for the hidden partial and journal names of a download
+PARTIAL_SUFFIX, JOURNAL_SUFFIX = ".part", ".journal"
+# Lock records of the import_ calls running in this process: a long-lived worker outlives
+# its runs, so its process id alone does not say that a run is still going.
+_ACTIVE_LOCKS: set[str] = set()
 
 
 class TransferError(Exception):
     """A download that did not arrive complete."""
 
 
-SERVER_ERRORS = (PermanentError, TemporaryError, ftplib.Error, TransferError)
+class SpoolError(Exception):
+    """Writing to the local spool failed (disk full, permissions): not the server's fault."""
+
+    def __init__(self, error: OSError):
+        super().__init__(error.strerror or str(error))
+        self.error = error
 
 
-@dataclass
-class RemoteFile:
-    name: str
-    size: int | None
-    modify: str | None = None
-    kind: str = "file"  # file, dir, link or other
+TRANSFER_ERRORS = (*SERVER_ERRORS, TransferError)
+
+
+class _spool_errors:
+    """Raise local file errors as SpoolError."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, traceback):
+        if isinstance(exc, OSError):
+            raise SpoolError(exc) from exc
+        return False
 
 
 @dataclass
@@ -78,6 +89,13 @@ class ImportResult:
     status: str = SUCCESS
     files: list[FileOutcome] = field(default_factory=list)
     error: str = ""
+    on_file: Callable[[FileOutcome], None] | None = field(default=None, repr=False)
+
+    def add(self, file: FileOutcome) -> None:
+        """Record what became of one file, and tell the caller at once."""
+        self.files.append(file)
+        if self.on_file:
+            self.on_file(file)
 
     @property
     def delivered(self) -> list[FileOutcome]:
@@ -96,81 +114,119 @@ def import_(
     password: str,
     path: str,
     *,
+    protocol: str = "ftp",
+    ca_file: str | None = None,
     timeout: float = 30,
     passive: bool = True,
-    encoding: str = "utf-8",
     stable_after: float | None = None,
     stability_interval: float = 2,
     lock_lease: float = 3600,
+    claimed: bool = False,
     run_label: str = "",
     progress: Callable[[int, int], None] | None = None,
+    on_file: Callable[[FileOutcome], None] | None = None,
 ) -> ImportResult:
     """Import every new file of the CDS directory `path` into the spool at `store_dir`.
 
-    `timeout` bounds every network operation, in seconds. `encoding` is the server's for file
-    names (latin-1 for old servers). With `stable_after` (seconds), a file is taken only when
-    its size did not change across two listings `stability_interval` seconds apart and it is at
-    least that old, for partners that do not hold ``write`` while uploading. A ``read`` lock of
-    our own older than `lock_lease` seconds, or left by a dead process of this host, is
-    removed. `progress(done, total)` is called after each file.
+    `protocol` is ``ftp`` or ``ftps`` (explicit TLS, verified against `ca_file` or the
+    system's CAs). `timeout` bounds every network operation, in seconds. With `stable_after`
+    (seconds), a file is taken only when its size did not change across two listings
+    `stability_interval` seconds apart and it is at least that old, for partners that do not
+    hold ``write`` while uploading.
+
+    Whether a ``read`` lock on the server is our own is known from the spool's lock record
+    only. Ours is stale when its process is gone (this host), older than `lock_lease` seconds
+    (another host), or at once when the caller holds the source's claim (`claimed`), since
+    then no other run of ours can be going. `progress(done, total)` is called after each
+    file, `on_file(outcome)` as soon as a file is delivered, failed or skipped.
     """
     log.info("Starting import.")
+    result = ImportResult(on_file=on_file)
     store = FileStore(store_dir)
-    store.prepare()
+    try:
+        with _spool_errors():
+            store.prepare()
+            journeys = _repair_spool(store)
+    except SpoolError as exc:
+        log.error("Could not write to the spool: %s", exc)
+        return _failed(result, exc)
     log.info("Accessed filestore %s", store_dir)
-    journeys = _repair_spool(store)
     log.info(
         "Connecting to CDS FTP server (host %s, port %s, user %s, dir %s)", host, port, user, path
     )
-    result = ImportResult()
+    server = f"{protocol}://{user}@{host}:{port}/{path.lstrip('/')}"
 
-    def connect() -> ftplib.FTP:
-        return _connect(host, port, user, password, timeout, passive, encoding)
+    def connect():
+        return open_transport(
+            protocol,
+            host,
+            port,
+            user,
+            password,
+            timeout=timeout,
+            passive=passive,
+            ca_file=ca_file,
+        )
 
     try:
-        ftp = connect()
+        transport = connect()
+    except ssl.SSLCertVerificationError as exc:
+        log.error(
+            "The server's TLS certificate did not verify (%s); no password was sent.",
+            exc.verify_message,
+        )
+        return _failed(result, exc)
     except (*SERVER_ERRORS, *CONNECTION_ERRORS) as exc:
         log.error("Could not connect to CDS FTP server.")
         return _failed(result, exc)
 
+    token = uuid.uuid4().hex
     locked = False
     try:
-        with _server_errors():
-            ftp.cwd(path)
-            lock = _lock_in_the_way(ftp, lock_lease)
-            if lock:
-                log.info("Cannot access CDS FTP server as '%s' lockfile exists.", lock)
-                _close(ftp)
-                log.warning("Exiting.")
-                result.status = LOCKED
-                return result
-            log.info("Creating lock file: %s", READ_LOCK)
-            ftp.storbinary(f"STOR {READ_LOCK}", BytesIO(_lock_text(run_label)))
-            locked = True
-            log.info("Lock file successfully created: %s", READ_LOCK)
-            listing = _listing(ftp, with_links=True)
-            _finish_journeys(ftp, store, journeys, listing, result)
-            candidates = _importable(listing, result)
-            if stable_after is not None and candidates:
-                candidates = _stable(ftp, candidates, stable_after, stability_interval, result)
-            if not candidates:
-                log.info("No new files to import.")
-            elif progress:
-                progress(0, len(candidates))
-            for done, remote in enumerate(candidates, start=1):
-                _import_file(ftp, store, remote, result)
-                if progress:
-                    progress(done, len(candidates))
-    except (*SERVER_ERRORS, *CONNECTION_ERRORS) as exc:
-        log.error("Error accessing FTP server.")
-        if locked:
-            _remove_lock(ftp, connect, path)
-            log.info("Disconnected from CDS FTP server")
+        transport.cwd(path)
+        lock = _lock_in_the_way(transport, store, server, lock_lease, claimed)
+        if lock:
+            log.info("Cannot access CDS FTP server as '%s' lockfile exists.", lock)
+            transport.close()
+            log.warning("Exiting.")
+            result.status = LOCKED
+            return result
+        log.info("Creating lock file: %s", READ_LOCK)
+        with _spool_errors():
+            store.write_lock_record(READ_LOCK, _lock_record(server, run_label, token))
+        _ACTIVE_LOCKS.add(token)
+        locked = True
+        transport.store(READ_LOCK.encode(), BytesIO(_lock_text(run_label)))
+        log.info("Lock file successfully created: %s", READ_LOCK)
+        listing = transport.list()
+        _finish_journeys(transport, store, journeys, listing, result)
+        candidates = _importable(listing, result)
+        if stable_after is not None and candidates:
+            candidates = _stable(transport, candidates, stable_after, stability_interval, result)
+        if not candidates:
+            log.info("No new files to import.")
+        elif progress:
+            progress(0, len(candidates))
+        for done, remote in enumerate(candidates, start=1):
+            _import_file(transport, store, remote, result)
+            if progress:
+                progress(done, len(candidates))
+    except (SpoolError, *SERVER_ERRORS, *CONNECTION_ERRORS) as exc:
+        if isinstance(exc, SpoolError):
+            log.error("Could not write to the spool: %s", exc)
         else:
-            _close(ftp)
+            log.error("Error accessing FTP server.")
+        transport.close()
+        if locked:
+            # A transfer may have been cut off half-way: the old connection cannot be trusted
+            # to answer the next command, so the lock goes on a new one.
+            _remove_lock(None, connect, path, store)
+            log.info("Disconnected from CDS FTP server")
         return _failed(result, exc)
+    finally:
+        _ACTIVE_LOCKS.discard(token)
 
-    _remove_lock(ftp, connect, path)
+    _remove_lock(transport, connect, path, store)
     log.info("Disconnected from CDS FTP server")
     failed = [file for file in result.files if file.outcome == "failed"]
     if failed:
@@ -190,167 +246,100 @@ def _failed(result: ImportResult, exc: BaseException) -> ImportResult:
     return result
 
 
-class _server_errors:
-    """Raise the server's error replies as PermanentError and TemporaryError."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, traceback):
-        if isinstance(exc, ftplib.error_perm):
-            raise PermanentError(str(exc)) from exc
-        if isinstance(exc, ftplib.error_temp):
-            raise TemporaryError(str(exc)) from exc
-        return False
-
-
-def _connect(host, port, user, password, timeout, passive, encoding) -> ftplib.FTP:
-    ftp = ftplib.FTP(timeout=timeout, encoding=encoding)
-    try:
-        with _server_errors():
-            ftp.connect(host, int(port))
-            ftp.login(user, password)
-    except BaseException:
-        ftp.close()
-        raise
-    ftp.set_pasv(passive)
-    return ftp
-
-
-def _close(ftp: ftplib.FTP) -> None:
-    try:
-        ftp.quit()
-    except (*SERVER_ERRORS, *CONNECTION_ERRORS):
-        ftp.close()
-
-
 # Locks
 
 
 def _lock_text(run_label: str) -> bytes:
     return (
-        f"This is a lock file.\n{LOCK_MARKER}\nhost={socket.gethostname()}\n"
+        f"This is a lock file of the datacenter CDS import.\nhost={HOST}\n"
         f"pid={os.getpid()}\nrun={run_label}\ntime={datetime.now(UTC).isoformat()}\n"
     ).encode()
 
 
-def _lock_in_the_way(ftp: ftplib.FTP, lease: float) -> str | None:
+def _lock_record(server: str, run_label: str, token: str) -> dict:
+    return {
+        "server": server,
+        "host": HOST,
+        "pid": os.getpid(),
+        "run": run_label,
+        "token": token,
+        "time": datetime.now(UTC).isoformat(),
+    }
+
+
+def _lock_in_the_way(transport, store: FileStore, server: str, lease: float, claimed: bool):
     """The name of a lock that keeps us out, after removing a stale one of our own."""
-    names = {remote.name for remote in _listing(ftp, with_links=False)}
-    if WRITE_LOCK in names:
+    names = {entry.raw for entry in transport.list(with_links=False)}
+    if WRITE_LOCK.encode() in names:
         return WRITE_LOCK
-    if READ_LOCK in names:
-        stale = _stale_own_lock(ftp, lease)
+    record = store.lock_record(READ_LOCK)
+    if record is not None and record.get("server", server) != server:
+        record = None  # a lock we held on another server, before the source was changed
+    if READ_LOCK.encode() in names:
+        stale = record is not None and _stale_record(record, lease, claimed)
         if not stale:
             return READ_LOCK
         log.warning("Removing a stale lock file of our own: %s (%s)", READ_LOCK, stale)
-        ftp.delete(READ_LOCK)
+        transport.delete(READ_LOCK.encode())
+    if record is not None:
+        with _spool_errors():
+            store.remove_lock_record(READ_LOCK)
     return None
 
 
-def _stale_own_lock(ftp: ftplib.FTP, lease: float) -> str | None:
-    """Why the ``read`` lock is ours and stale, or None when it must be respected."""
-    chunks = []
-    ftp.retrbinary(f"RETR {READ_LOCK}", chunks.append)
-    text = b"".join(chunks)[:4096].decode("utf-8", "replace")
-    if LOCK_MARKER not in text:
-        return None
-    fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
-    description = (
-        f"host {fields.get('host')}, process {fields.get('pid')}, run {fields.get('run')}"
+def _stale_record(record: dict, lease: float, claimed: bool) -> str | None:
+    """Why our recorded lock is stale, or None while the run that wrote it may still go."""
+    owner = (
+        f"written by host {record.get('host')}, process {record.get('pid')}, "
+        f"run {record.get('run')}"
     )
-    if fields.get("host") == socket.gethostname() and not _process_alive(fields.get("pid")):
-        return f"written by {description}, which is no longer running"
-    try:
-        age = (datetime.now(UTC) - datetime.fromisoformat(fields["time"])).total_seconds()
-    except (KeyError, ValueError):
+    if claimed:
+        return f"{owner}, whose claim on the source has ended"
+    if record.get("host") == HOST and record.get("pid") == os.getpid():
+        if record.get("token") not in _ACTIVE_LOCKS:
+            return f"{owner}, which has ended"
         return None
+    if died_on_this_host(record.get("host"), record.get("pid")):
+        return f"{owner}, which is no longer running"
+    try:
+        age = (datetime.now(UTC) - datetime.fromisoformat(record["time"])).total_seconds()
+    except (KeyError, TypeError, ValueError):
+        return f"{owner}, a record that tells no time"
     if age > lease:
-        return f"written by {description} {age:.0f} s ago, longer than the lease"
+        return f"{owner} {age:.0f} s ago, longer than the lease"
     return None
 
 
-def _process_alive(pid: str | None) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (TypeError, ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_lock(ftp: ftplib.FTP, connect: Callable[[], ftplib.FTP], path: str) -> None:
-    """Remove our ``read`` lock, on a new connection if the old one is broken."""
+def _remove_lock(transport, connect: Callable, path: str, store: FileStore) -> None:
+    """Remove our ``read`` lock; on a new connection when `transport` is None or broken."""
     log.info("Removing lock file: %s", READ_LOCK)
     try:
-        ftp.delete(READ_LOCK)
+        if transport is None:
+            raise ConnectionError("no usable connection")
+        transport.delete(READ_LOCK.encode())
     except (*SERVER_ERRORS, *CONNECTION_ERRORS):
-        ftp.close()
+        if transport is not None:
+            transport.close()
         try:
-            ftp = connect()
-            ftp.cwd(path)
-            if READ_LOCK in ftp.nlst():  # the broken connection may have removed it
-                ftp.delete(READ_LOCK)
+            transport = connect()
+            transport.cwd(path)
+            # The broken connection may have removed it.
+            if READ_LOCK.encode() in {entry.raw for entry in transport.list(with_links=False)}:
+                transport.delete(READ_LOCK.encode())
         except (*SERVER_ERRORS, *CONNECTION_ERRORS):
-            ftp.close()
+            if transport is not None:
+                transport.close()
             log.exception("Could not remove lock file: %s", READ_LOCK)
-            return
+            return  # the record stays, so that the next run knows the lock is ours
+    try:
+        store.remove_lock_record(READ_LOCK)
+    except OSError:
+        log.exception("Could not remove the lock record in the spool.")
     log.info("Lock file successfully removed: %s", READ_LOCK)
-    _close(ftp)
+    transport.close()
 
 
 # Listing
-
-
-def _listing(ftp: ftplib.FTP, with_links: bool) -> list[RemoteFile]:
-    """The entries of the current directory: MLSD where the server has it, LIST otherwise.
-
-    Many MLSD servers describe a symbolic link as the file it points to; with `with_links`, a
-    LIST tells which entries are links.
-    """
-    try:
-        with _server_errors():
-            facts = list(ftp.mlsd(facts=["type", "size", "modify"]))
-    except PermanentError:
-        return _list(ftp)
-    entries = [
-        RemoteFile(
-            name,
-            int(fact["size"]) if fact.get("size", "").isdigit() else None,
-            fact.get("modify"),
-            _mlsd_kind(fact.get("type", "")),
-        )
-        for name, fact in facts
-    ]
-    if with_links:
-        links = {entry.name for entry in _list(ftp) if entry.kind == "link"}
-        for entry in entries:
-            if entry.name in links:
-                entry.kind = "link"
-    return entries
-
-
-def _mlsd_kind(fact: str) -> str:
-    fact = fact.lower()
-    if fact.startswith("os.unix=slink"):
-        return "link"
-    return {"file": "file", "dir": "dir", "cdir": "dir", "pdir": "dir"}.get(fact, "other")
-
-
-def _list(ftp: ftplib.FTP) -> list[RemoteFile]:
-    lines = []
-    with _server_errors():
-        ftp.retrlines("LIST", lines.append)
-    entries = []
-    for line in lines:
-        match = UNIX_LIST_LINE.match(line)
-        if not match:
-            continue
-        kind = {"-": "file", "d": "dir", "l": "link"}.get(match["kind"], "other")
-        name = match["name"].split(" -> ", 1)[0] if kind == "link" else match["name"]
-        entries.append(RemoteFile(name, int(match["size"]), None, kind))
-    return entries
 
 
 def name_problem(name: str) -> str | None:
@@ -363,34 +352,36 @@ def name_problem(name: str) -> str | None:
         return "the name contains control characters"
     if name.startswith("."):
         return "hidden file"
+    if len(name.encode()) > MAX_NAME_BYTES:
+        return f"the name is longer than {MAX_NAME_BYTES} bytes"
     return None
 
 
-def _importable(listing: list[RemoteFile], result: ImportResult) -> list[RemoteFile]:
+def _importable(listing: list[RemoteEntry], result: ImportResult) -> list[RemoteEntry]:
     """The regular files to import, by name; every other entry is logged and skipped."""
     candidates = []
     for remote in sorted(listing, key=lambda entry: entry.name):
-        if remote.name in {READ_LOCK, WRITE_LOCK, ".", ".."}:
+        if remote.raw in LOCK_NAMES or remote.raw in {b".", b".."}:
             continue
         reason = name_problem(remote.name)
         if not reason and remote.kind != "file":
             reason = {"dir": "a folder", "link": "a symbolic link"}.get(remote.kind, "not a file")
         if reason:
             log.info("Skipping %r: %s.", remote.name, reason)
-            result.files.append(FileOutcome(remote.name, remote.size, "skipped", reason=reason))
+            result.add(FileOutcome(remote.name, remote.size, "skipped", reason=reason))
             continue
         candidates.append(remote)
     return candidates
 
 
-def _stable(ftp, candidates, stable_after, interval, result) -> list[RemoteFile]:
+def _stable(transport, candidates, stable_after, interval, result) -> list[RemoteEntry]:
     """The candidates whose size stayed the same over `interval` and that are old enough."""
     time.sleep(interval)
-    again = {remote.name: remote for remote in _listing(ftp, with_links=False)}
+    again = {remote.raw: remote for remote in transport.list(with_links=False)}
     now = datetime.now(UTC)
     stable = []
     for remote in candidates:
-        later = again.get(remote.name)
+        later = again.get(remote.raw)
         reason = None
         if later is None or later.size != remote.size:
             reason = "still being written (its size changed)"
@@ -398,7 +389,7 @@ def _stable(ftp, candidates, stable_after, interval, result) -> list[RemoteFile]
             reason = f"younger than {stable_after:g} s"
         if reason:
             log.info("Skipping %r for now: %s.", remote.name, reason)
-            result.files.append(FileOutcome(remote.name, remote.size, "skipped", reason=reason))
+            result.add(FileOutcome(remote.name, remote.size, "skipped", reason=reason))
         else:
             stable.append(remote)
     return stable
@@ -415,73 +406,96 @@ def _age(modify: str, now: datetime) -> float:
 # Moving files
 
 
-def _import_file(ftp: ftplib.FTP, store: FileStore, remote: RemoteFile, result: ImportResult):
+def _import_file(transport, store: FileStore, remote: RemoteEntry, result: ImportResult):
     """Download one file, remove it on the server and move it to ``new/``.
 
     A failure of this file alone (refused, cut short) leaves it on the server and no file in
-    the spool; a lost connection ends the run.
+    the spool; a lost connection or a spool that cannot be written ends the run.
     """
     name = remote.name
     log.info("Downloading: %s", name)
-    local = store.free_name(name)
+    with _spool_errors():
+        local = store.free_name(name)
     if local != name:
         log.warning(
             "A file named %s is in the spool already; the new one is stored as %s.", name, local
         )
     outcome = FileOutcome(name, remote.size, "failed", local_name=local)
-    result.files.append(outcome)
     try:
-        outcome.sha256, outcome.size = _download(ftp, store, remote, local)
-    except (*SERVER_ERRORS, *CONNECTION_ERRORS) as exc:
+        outcome.sha256, outcome.size = _download(transport, store, remote, local)
+    except (*TRANSFER_ERRORS, *CONNECTION_ERRORS, SpoolError) as exc:
         outcome.reason = _reason(exc)
+        result.add(outcome)
+        if isinstance(exc, SpoolError):
+            log.error("Could not store %s; it stays on the server.", name)
+            raise
         log.error("Could not download %s (%s); it stays on the server.", name, outcome.reason)
         if isinstance(exc, CONNECTION_ERRORS):
             raise  # the control connection cannot be trusted any more
         return
-    with _server_errors():
-        ftp.delete(name)
+    transport.delete(remote.raw)
     log.info("File removed on server: %s", name)
-    _deliver(store, local)
+    with _spool_errors():
+        _deliver(store, local)
     outcome.outcome = "delivered"
+    result.add(outcome)
 
 
 def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _download(ftp, store: FileStore, remote: RemoteFile, local: str) -> tuple[str, int]:
+class _HashingWriter:
+    """The sink of a download: writes to the partial file, counting and hashing."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.digest = hashlib.sha256()
+
+    def write(self, chunk: bytes) -> None:
+        with _spool_errors():
+            self.handle.write(chunk)
+        self.digest.update(chunk)
+
+
+def _open_partial(path: str):
+    return open(path, "xb")
+
+
+def _download(transport, store: FileStore, remote: RemoteEntry, local: str) -> tuple[str, int]:
     """Fetch `remote` into ``tmp/LOCAL`` with its journal; return its SHA-256 and size."""
     tmp = store.folder("tmp")
-    partial = os.path.join(tmp, f".{local}.part")
-    digest = hashlib.sha256()
+    partial = os.path.join(tmp, f".{local}{PARTIAL_SUFFIX}")
     try:
-        with open(partial, "wb") as handle:
-
-            def write(chunk: bytes) -> None:
-                handle.write(chunk)
-                digest.update(chunk)
-
-            with _server_errors():
-                ftp.retrbinary(f"RETR {remote.name}", write, blocksize=CHUNK_SIZE)
-            handle.flush()
-            os.fsync(handle.fileno())
-            received = handle.tell()
-        expected = remote.size
-        if expected is None:
-            with _server_errors():
-                expected = ftp.size(remote.name)
+        with _spool_errors():
+            handle = _open_partial(partial)
+        with handle:
+            writer = _HashingWriter(handle)
+            transport.retrieve(remote.raw, writer)
+            with _spool_errors():
+                handle.flush()
+                os.fsync(handle.fileno())
+                received = handle.tell()
+        expected = remote.size if remote.size is not None else transport.size(remote.raw)
         if expected is not None and received != expected:
             raise TransferError(f"received {received} of {expected} bytes")
-        journal = {"remote": remote.name, "size": received, "modify": remote.modify}
-        with open(os.path.join(tmp, f".{local}.journal"), "w") as handle:
-            json.dump(journal, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.rename(partial, os.path.join(tmp, local))
+        journal = {
+            "remote": remote.name,
+            "raw": remote.raw.hex(),
+            "size": received,
+            "modify": remote.modify,
+        }
+        with _spool_errors():
+            with open(os.path.join(tmp, f".{local}{JOURNAL_SUFFIX}"), "w") as handle:
+                json.dump(journal, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.rename(partial, os.path.join(tmp, local))
+            sync_folder(tmp)
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
-    return digest.hexdigest(), received
+    return writer.digest.hexdigest(), received
 
 
 def _deliver(store: FileStore, local: str) -> None:
@@ -490,7 +504,7 @@ def _deliver(store: FileStore, local: str) -> None:
     if final != local:
         os.rename(store.path_of("tmp", local), store.path_of("tmp", final))
     store.move(final, "tmp", "new")
-    journal = os.path.join(store.folder("tmp"), f".{local}.journal")
+    journal = os.path.join(store.folder("tmp"), f".{local}{JOURNAL_SUFFIX}")
     if os.path.exists(journal):
         os.unlink(journal)
     log.info("Moved from 'tmp' to 'new': %s", final)
@@ -504,14 +518,17 @@ def _repair_spool(store: FileStore) -> list[tuple[str, dict]]:
     journeys = []
     for name in sorted(os.listdir(tmp)):
         path = os.path.join(tmp, name)
-        if match := PARTIAL.match(name):
+        if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
             os.unlink(path)
-            log.warning("Discarded a partial download of an earlier run: %s", match["name"])
-        elif match := JOURNAL.match(name):
-            if not os.path.exists(os.path.join(tmp, match["name"])):
+            log.warning(
+                "Discarded a partial download of an earlier run: %s",
+                name[1 : -len(PARTIAL_SUFFIX)],
+            )
+        elif name.startswith(".") and name.endswith(JOURNAL_SUFFIX):
+            if not os.path.exists(os.path.join(tmp, name[1 : -len(JOURNAL_SUFFIX)])):
                 os.unlink(path)
         elif not name.startswith("."):
-            journal = os.path.join(tmp, f".{name}.journal")
+            journal = os.path.join(tmp, f".{name}{JOURNAL_SUFFIX}")
             if os.path.exists(journal):
                 with open(journal) as handle:
                     journeys.append((name, json.load(handle)))
@@ -520,23 +537,24 @@ def _repair_spool(store: FileStore) -> list[tuple[str, dict]]:
     return journeys
 
 
-def _finish_journeys(ftp, store, journeys, listing, result) -> None:
+def _finish_journeys(transport, store, journeys, listing, result) -> None:
     """Finish deliveries of an earlier run that died before it removed the file on the
     server; the remote file is removed only when it is still the one we downloaded."""
-    remote_by_name = {remote.name: remote for remote in listing}
+    remote_by_raw = {remote.raw: remote for remote in listing}
     for local, journal in journeys:
-        remote = remote_by_name.get(journal["remote"])
+        raw = bytes.fromhex(journal["raw"]) if "raw" in journal else journal["remote"].encode()
+        remote = remote_by_raw.get(raw)
         if (
             remote is not None
             and remote.size == journal["size"]
             and (remote.modify is None or journal["modify"] in (None, remote.modify))
         ):
-            with _server_errors():
-                ftp.delete(remote.name)
+            transport.delete(raw)
             log.info("File removed on server: %s", remote.name)
             listing.remove(remote)
-        _deliver(store, local)
-        result.files.append(
+        with _spool_errors():
+            _deliver(store, local)
+        result.add(
             FileOutcome(
                 journal["remote"],
                 journal["size"],

@@ -5,6 +5,9 @@ moves it on to ``cur/``. Moves are renames inside one filesystem, so another pro
 either whole or not at all. Hidden names in ``tmp/`` belong to downloads in progress.
 """
 
+import contextlib
+import errno
+import json
 import os
 
 from datacenter.storage import check_file_name, place_new_file
@@ -29,9 +32,17 @@ class FileStore:
             raise ValueError(f"Unknown spool folder: {folder!r}")
         return os.path.join(self.path, folder)
 
+    def real_folder(self, folder: str) -> str:
+        """The path of `folder`; FileNotFoundError when it is a link that leads elsewhere, so
+        that nothing outside the spool is ever listed, served or written through it."""
+        path = self.folder(folder)
+        if os.path.realpath(path) != os.path.join(os.path.realpath(self.path), folder):
+            raise FileNotFoundError(errno.ENOENT, "Not a folder of the spool", path)
+        return path
+
     def list(self, folder: str) -> list[str]:
         """Full paths of the files in `folder` by name, without hidden ones."""
-        path = self.folder(folder)
+        path = self.real_folder(folder)
         with os.scandir(path) as entries:
             return sorted(
                 entry.path
@@ -41,7 +52,7 @@ class FileStore:
 
     def path_of(self, folder: str, name: str) -> str:
         """The path of the file `name` in `folder`; FileNotFoundError for an unsafe name."""
-        return os.path.join(self.folder(folder), check_file_name(name))
+        return os.path.join(self.real_folder(folder), check_file_name(name))
 
     def create(self, name: str):
         """Open ``tmp/NAME`` for binary writing."""
@@ -63,3 +74,44 @@ class FileStore:
         while any(os.path.lexists(os.path.join(self.folder(f), candidate)) for f in FOLDERS):
             candidate, number = f"{name}.{number}", number + 1
         return candidate
+
+    # Records of the locks we hold on the server. Whether a lock there is our own is known
+    # from these alone: many drop boxes let us write and delete a file but never read it back.
+
+    def _lock_record_path(self, lock: str) -> str:
+        return os.path.join(self.path, f".{lock}.lock.json")
+
+    def lock_record(self, lock: str) -> dict | None:
+        """What we recorded of holding `lock` on the server, or None."""
+        try:
+            with open(self._lock_record_path(lock)) as handle:
+                record = json.load(handle)
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {}  # a record cut short by a crash: ours, with nothing known about it
+        return record if isinstance(record, dict) else {}
+
+    def write_lock_record(self, lock: str, record: dict) -> None:
+        """Durably record that we are about to hold `lock` on the server."""
+        path = self._lock_record_path(lock)
+        temp_path = f"{path}.tmp"
+        with open(temp_path, "w") as handle:
+            json.dump(record, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_path, path)
+        sync_folder(self.path)
+
+    def remove_lock_record(self, lock: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._lock_record_path(lock))
+
+
+def sync_folder(path: str) -> None:
+    """Make the entries of the folder `path` (creations, renames, removals) durable."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

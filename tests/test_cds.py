@@ -1,5 +1,6 @@
 """The CDS protocol against a real FTP server (pyftpdlib on 127.0.0.1)."""
 
+import json
 import logging
 import os
 import socket
@@ -16,6 +17,7 @@ from pyftpdlib.handlers import ThrottledDTPHandler
 from imports import cds
 from imports.cds import import_
 from imports.spool import FileStore
+from imports.transports import FtpTransport
 
 from .ftp import FaultyFS
 
@@ -159,16 +161,16 @@ def test_a_short_download_is_caught_by_the_size_check(ftp_server, spool, monkeyp
     ftp_server.put("a.xml", b"0123456789")
     # A server that says the transfer completed after sending part of the file: only the
     # listed size tells.
-    real_listing = cds._listing
+    real_list = FtpTransport.list
 
-    def bigger_listing(ftp, with_links):
-        entries = real_listing(ftp, with_links)
+    def bigger_listing(transport, with_links=True):
+        entries = real_list(transport, with_links)
         for entry in entries:
             if entry.name == "a.xml":
                 entry.size = 20
         return entries
 
-    monkeypatch.setattr(cds, "_listing", bigger_listing)
+    monkeypatch.setattr(FtpTransport, "list", bigger_listing)
 
     result = import_(**ftp_server.options(spool))
 
@@ -344,11 +346,20 @@ def test_somebody_elses_read_lock_is_respected(ftp_server, spool, cds_log):
     assert ftp_server.names() == ["a.xml", "read"]
 
 
-def own_lock(pid: int, written: str = "2026-01-01T00:00:00+00:00") -> bytes:
-    return (
-        f"This is a lock file.\n{cds.LOCK_MARKER}\nhost={socket.gethostname()}\n"
-        f"pid={pid}\nrun=test\ntime={written}\n"
-    ).encode()
+def own_lock_record(spool, server, *, pid: int, host=None, time=None, token="t") -> None:
+    """The record in the spool that says the server's ``read`` lock is ours."""
+    from datetime import UTC, datetime
+
+    FileStore(spool).prepare()
+    record = {
+        "server": f"ftp://partner@127.0.0.1:{server.port}/outbox",
+        "host": host or socket.gethostname(),
+        "pid": pid,
+        "run": "test",
+        "token": token,
+        "time": time or datetime.now(UTC).isoformat(),
+    }
+    (Path(spool) / ".read.lock.json").write_text(json.dumps(record))
 
 
 def dead_pid() -> int:
@@ -357,27 +368,86 @@ def dead_pid() -> int:
     return process.pid
 
 
-def test_our_own_stale_read_lock_is_removed(ftp_server, spool, cds_log):
-    ftp_server.put("read", own_lock(dead_pid()))
+@pytest.fixture
+def live_pid():
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield process.pid
+    process.kill()
+    process.wait()
+
+
+def stale_lock_removed(caplog) -> list[str]:
+    return [m for m in messages(caplog) if m.startswith("Removing a stale lock file of our own")]
+
+
+def test_our_own_lock_of_a_dead_process_is_removed_without_reading_it(
+    start_ftp_server, spool, cds_log
+):
+    # As on a write-only drop box, the server never lets us read the lock back.
+    ftp_server = start_ftp_server(
+        abstracted_fs=type("FS", (FaultyFS,), {"refused": frozenset({"read"})})
+    )
+    ftp_server.put("read", b"")
+    own_lock_record(spool, ftp_server, pid=dead_pid())
     ftp_server.put("a.xml", b"<a/>")
 
     result = import_(**ftp_server.options(spool))
 
     assert result.status == cds.SUCCESS
     assert ftp_server.names() == []
-    assert any(
-        message.startswith("Removing a stale lock file of our own: read")
-        for message in messages(cds_log)
-    )
+    assert spooled(spool) == {"a.xml": b"<a/>"}
+    [removed] = stale_lock_removed(cds_log)
+    assert "which is no longer running" in removed
+    assert sorted(os.listdir(spool)) == ["cur", "new", "tmp"]  # the record went with the lock
 
 
-def test_our_own_lock_of_a_live_run_is_respected(ftp_server, spool):
-    from datetime import UTC, datetime
-
-    ftp_server.put("read", own_lock(os.getpid(), datetime.now(UTC).isoformat()))
+def test_our_own_lock_of_a_live_process_is_respected(ftp_server, spool, live_pid):
+    ftp_server.put("read", b"")
+    own_lock_record(spool, ftp_server, pid=live_pid)
 
     assert import_(**ftp_server.options(spool)).status == cds.LOCKED
     assert ftp_server.names() == ["read"]
+
+
+def test_a_lock_we_have_no_record_of_is_respected_whatever_it_says(ftp_server, spool):
+    ftp_server.put("read", f"host={socket.gethostname()}\npid={dead_pid()}\n".encode())
+
+    assert import_(**ftp_server.options(spool)).status == cds.LOCKED
+    assert ftp_server.names() == ["read"]
+
+
+def test_a_lock_of_another_host_is_ours_to_remove_only_after_the_lease(ftp_server, spool):
+    ftp_server.put("read", b"")
+    own_lock_record(spool, ftp_server, pid=1, host="elsewhere")
+
+    assert import_(**ftp_server.options(spool), lock_lease=3600).status == cds.LOCKED
+    assert import_(**ftp_server.options(spool), lock_lease=0).status == cds.NOTHING
+    assert ftp_server.names() == []
+
+
+def test_a_lock_left_by_an_earlier_run_of_this_long_lived_process_is_stale(
+    ftp_server, spool, cds_log
+):
+    ftp_server.put("read", b"")
+    own_lock_record(spool, ftp_server, pid=os.getpid(), token="an ended run")
+
+    assert import_(**ftp_server.options(spool)).status == cds.NOTHING
+    assert "which has ended" in stale_lock_removed(cds_log)[0]
+
+
+def test_the_holder_of_the_claim_takes_over_our_lock_at_once(ftp_server, spool, live_pid):
+    ftp_server.put("read", b"")
+    own_lock_record(spool, ftp_server, pid=live_pid)
+
+    assert import_(**ftp_server.options(spool), claimed=True).status == cds.NOTHING
+    assert ftp_server.names() == []
+
+
+def test_a_record_whose_lock_is_gone_is_dropped(ftp_server, spool):
+    own_lock_record(spool, ftp_server, pid=dead_pid())
+
+    assert import_(**ftp_server.options(spool)).status == cds.NOTHING
+    assert sorted(os.listdir(spool)) == ["cur", "new", "tmp"]
 
 
 def test_a_server_that_never_answers_fails_within_the_timeout(spool):
@@ -398,14 +468,32 @@ def test_a_server_that_never_answers_fails_within_the_timeout(spool):
     assert "timed out" in result.error
 
 
-def test_active_mode_and_latin1_names(start_ftp_server, spool):
+def test_active_mode_and_an_old_latin1_server(start_ftp_server, spool):
     server = start_ftp_server(encoding="latin-1")
     server.put("café.xml", b"<c/>")
 
-    result = import_(**server.options(spool), passive=False, encoding="latin-1")
+    result = import_(**server.options(spool), passive=False)
 
     assert result.status == cds.SUCCESS
     assert spooled(spool) == {"café.xml": b"<c/>"}
+
+
+def test_names_in_any_encoding_are_imported_side_by_side(start_ftp_server, spool):
+    server = start_ftp_server(unicode_errors="surrogateescape")
+    names = {
+        b"caf\xe9.xml": "café.xml",  # Windows-1252 / Latin-1
+        "naïve.xml".encode(): "naïve.xml",  # UTF-8
+        b"\x80uro \x81.txt": "€uro \x81.txt",  # cp1252's euro; 0x81 is undefined there
+    }
+    for raw in names:
+        with open(os.path.join(bytes(server.dir), raw), "wb") as handle:
+            handle.write(raw)
+
+    result = import_(**server.options(spool))
+
+    assert result.status == cds.SUCCESS
+    assert spooled(spool) == {text: raw for raw, text in names.items()}
+    assert os.listdir(bytes(server.dir)) == []
 
 
 def test_the_stability_check_waits_for_files_still_growing(ftp_server, spool):

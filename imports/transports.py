@@ -1,0 +1,250 @@
+"""One small client interface over the servers partners run: FTP and explicit FTPS.
+
+A transport is logged in and in its exchange directory once opened; the CDS protocol code calls
+only ``list``, ``retrieve``, ``store``, ``rename``, ``delete`` and ``close``. File names are the
+server's bytes: a name is fetched and removed by exactly the bytes the server listed, whatever
+they decode to. The server's error replies are raised as PermanentError (5xx) and
+TemporaryError (4xx); a broken or timed-out connection as OSError or EOFError.
+"""
+
+import codecs
+import ftplib
+import re
+import ssl
+from dataclasses import dataclass
+from typing import BinaryIO
+
+CHUNK_SIZE = 64 * 1024
+PROTOCOLS = ("ftp", "ftps")
+# ftplib speaks str on the control connection; Latin-1 maps every byte to one character and
+# back, so the server's bytes pass through unchanged.
+WIRE = "latin-1"
+UNIX_LIST_LINE = re.compile(
+    rb"^(?P<kind>[-dlcbps])\S{9}\S*\s+\d+\s+\S+\s+\S+\s+(?P<size>\d+)\s+"
+    rb"\w{3}\s+\d{1,2}\s+[\d:]{4,5}\s(?P<name>.+)$"
+)
+CONNECTION_ERRORS = (OSError, EOFError)
+
+
+class PermanentError(Exception):
+    """A permanent (5xx) reply of the server."""
+
+
+class TemporaryError(Exception):
+    """A temporary (4xx) reply of the server."""
+
+
+SERVER_ERRORS = (PermanentError, TemporaryError, ftplib.Error)
+
+
+@dataclass
+class RemoteEntry:
+    raw: bytes  # the name exactly as the server sent it
+    size: int | None
+    modify: str | None = None  # YYYYMMDDHHMMSS in UTC, where the server tells
+    kind: str = "file"  # file, dir, link or other
+
+    @property
+    def name(self) -> str:
+        return decode_name(self.raw)
+
+
+Listing = list[RemoteEntry]  # a name for the annotations of the transports' list() methods
+
+
+def _latin1_fallback(error: UnicodeDecodeError) -> tuple[str, int]:
+    return error.object[error.start : error.end].decode("latin-1"), error.end
+
+
+codecs.register_error("cds-latin-1", _latin1_fallback)
+
+
+def decode_name(raw: bytes) -> str:
+    """A server's file name as text: UTF-8 where the bytes are UTF-8, else Windows-1252
+    (with Latin-1 for the five bytes Windows-1252 leaves undefined)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("cp1252", errors="cds-latin-1")
+
+
+class _server_errors:
+    """Raise ftplib's error replies as PermanentError and TemporaryError."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, traceback):
+        if isinstance(exc, ftplib.error_perm):
+            raise PermanentError(str(exc)) from exc
+        if isinstance(exc, ftplib.error_temp | ftplib.error_reply | ftplib.error_proto):
+            raise TemporaryError(str(exc)) from exc
+        return False
+
+
+class _ReusingFTP_TLS(ftplib.FTP_TLS):
+    """FTP_TLS whose data connections resume the control connection's TLS session, as
+    vsftpd (``require_ssl_reuse``) and others require."""
+
+    def ntransfercmd(self, cmd, rest=None):
+        conn, size = ftplib.FTP.ntransfercmd(self, cmd, rest)
+        if self._prot_p:
+            conn = self.context.wrap_socket(
+                conn, server_hostname=self.host, session=self.sock.session
+            )
+        return conn, size
+
+
+def tls_context(ca_file: str | None = None) -> ssl.SSLContext:
+    """Verifying context: the certificate must chain to `ca_file` (default: the system's CAs)
+    and name the host."""
+    context = ssl.create_default_context(cafile=ca_file or None)
+    # Session resumption on the data connections is reliable with TLS 1.2 across servers;
+    # TLS 1.3 hands out its session only after the first read, too late for a data channel.
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+class FtpTransport:
+    """An FTP or explicit FTPS (AUTH TLS, PROT P) session in one directory."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        user: str,
+        password: str,
+        *,
+        timeout: float = 30,
+        passive: bool = True,
+        tls: bool = False,
+        ca_file: str | None = None,
+    ):
+        if tls:
+            self.ftp = _ReusingFTP_TLS(context=tls_context(ca_file), timeout=timeout)
+        else:
+            self.ftp = ftplib.FTP(timeout=timeout)
+        self.ftp.encoding = WIRE
+        try:
+            with _server_errors():
+                self.ftp.connect(host, int(port))
+                if tls:
+                    self.ftp.auth()  # the certificate is verified before the password is sent
+                self.ftp.login(user, password)
+                if tls:
+                    self.ftp.prot_p()
+                self.ftp.voidcmd("TYPE I")
+        except BaseException:
+            self.ftp.close()
+            raise
+        self.ftp.set_pasv(passive)
+        self.mlsd = True
+
+    def cwd(self, path: str) -> None:
+        with _server_errors():
+            self.ftp.cwd(path)
+
+    def list(self, with_links: bool = True) -> Listing:
+        """The entries of the directory: MLSD where the server has it, LIST otherwise.
+
+        Many MLSD servers describe a symbolic link as the file it points to; with
+        `with_links`, a LIST tells which entries are links.
+        """
+        if self.mlsd:
+            try:
+                with _server_errors():
+                    facts = list(self.ftp.mlsd(facts=["type", "size", "modify"]))
+            except PermanentError:
+                self.mlsd = False
+        if not self.mlsd:
+            return self._list()
+        entries = [
+            RemoteEntry(
+                name.encode(WIRE),
+                int(fact["size"]) if fact.get("size", "").isdigit() else None,
+                fact.get("modify"),
+                _mlsd_kind(fact.get("type", "")),
+            )
+            for name, fact in facts
+        ]
+        if with_links:
+            links = {entry.raw for entry in self._list() if entry.kind == "link"}
+            for entry in entries:
+                if entry.raw in links:
+                    entry.kind = "link"
+        return entries
+
+    def _list(self) -> Listing:
+        lines = []
+        with _server_errors():
+            self.ftp.retrlines("LIST", lines.append)
+        entries = []
+        for line in lines:
+            match = UNIX_LIST_LINE.match(line.encode(WIRE))
+            if not match:
+                continue
+            kind = {b"-": "file", b"d": "dir", b"l": "link"}.get(match["kind"], "other")
+            name = match["name"].split(b" -> ", 1)[0] if kind == "link" else match["name"]
+            entries.append(RemoteEntry(name, int(match["size"]), None, kind))
+        return entries
+
+    def size(self, raw: bytes) -> int | None:
+        with _server_errors():
+            return self.ftp.size(raw.decode(WIRE))
+
+    def retrieve(self, raw: bytes, sink: BinaryIO) -> None:
+        """Write the file `raw` to `sink`, chunk by chunk."""
+        with _server_errors():
+            self.ftp.retrbinary(f"RETR {raw.decode(WIRE)}", sink.write, blocksize=CHUNK_SIZE)
+
+    def store(self, raw: bytes, source: BinaryIO) -> None:
+        with _server_errors():
+            self.ftp.storbinary(f"STOR {raw.decode(WIRE)}", source, blocksize=CHUNK_SIZE)
+
+    def rename(self, old: bytes, new: bytes) -> None:
+        with _server_errors():
+            self.ftp.rename(old.decode(WIRE), new.decode(WIRE))
+
+    def delete(self, raw: bytes) -> None:
+        with _server_errors():
+            self.ftp.delete(raw.decode(WIRE))
+
+    def close(self) -> None:
+        """Say goodbye; just drop the connection when that fails."""
+        try:
+            self.ftp.quit()
+        except (*SERVER_ERRORS, *CONNECTION_ERRORS):
+            self.ftp.close()
+
+
+def _mlsd_kind(fact: str) -> str:
+    fact = fact.lower()
+    if fact.startswith("os.unix=slink"):
+        return "link"
+    return {"file": "file", "dir": "dir", "cdir": "dir", "pdir": "dir"}.get(fact, "other")
+
+
+def open_transport(
+    protocol: str,
+    host: str,
+    port: int,
+    user: str,
+    password: str,
+    *,
+    timeout: float = 30,
+    passive: bool = True,
+    ca_file: str | None = None,
+) -> FtpTransport:
+    """A logged-in transport of `protocol` (``ftp`` or ``ftps``)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"Unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}.")
+    return FtpTransport(
+        host,
+        port,
+        user,
+        password,
+        timeout=timeout,
+        passive=passive,
+        tls=protocol == "ftps",
+        ca_file=ca_file,
+    )

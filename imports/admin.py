@@ -18,6 +18,7 @@ class CdsSourceForm(forms.ModelForm):
         model = CdsSource
         fields = [
             "name",
+            "protocol",
             "host",
             "port",
             "user",
@@ -26,19 +27,19 @@ class CdsSourceForm(forms.ModelForm):
             "spool_dir",
             "enabled",
             "timeout",
+            "ca_file",
             "passive",
-            "encoding",
             "stable_after",
         ]
 
     def clean_password(self):
         return self.cleaned_data["password"] or self.instance.password
 
+    def clean_host(self):
+        return self.cleaned_data["host"].strip()
+
     def clean_spool_dir(self):
-        path = os.path.expanduser(self.cleaned_data["spool_dir"].strip())
-        if not os.path.isabs(path):
-            raise forms.ValidationError("The spool folder must be an absolute path.")
-        return path
+        return os.path.expanduser(self.cleaned_data["spool_dir"].strip())
 
 
 @admin.register(CdsSource)

@@ -1,34 +1,60 @@
 from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.urls import reverse
 
+from . import validation
 from .spool import FileStore
 
 
 class CdsSource(models.Model):
     """A partner's CDS directory on an FTP server, and the spool its files go to."""
 
-    ENCODINGS = [("utf-8", "UTF-8"), ("latin-1", "Latin-1 (old servers)")]
+    PROTOCOLS = [("ftp", "FTP"), ("ftps", "FTPS (explicit TLS)")]
 
     name = models.SlugField(max_length=100, unique=True, help_text="Used on the command line.")
-    host = models.CharField(max_length=255)
-    port = models.PositiveIntegerField(default=21)
+    protocol = models.CharField(max_length=10, choices=PROTOCOLS, default="ftp")
+    host = models.CharField(
+        max_length=255,
+        validators=[validation.validate_host],
+        help_text="Host name or IP address of the partner's server.",
+    )
+    port = models.PositiveIntegerField(
+        default=21, validators=[MinValueValidator(1), MaxValueValidator(65535)]
+    )
     user = models.CharField(max_length=255)
     password = models.CharField(max_length=255, blank=True)
-    remote_dir = models.CharField("remote directory", max_length=1024, default="/")
+    remote_dir = models.CharField(
+        "remote directory",
+        max_length=1024,
+        default="/",
+        validators=[validation.validate_remote_dir],
+        help_text="Absolute path of the exchange directory on the server, such as /outbox.",
+    )
     spool_dir = models.CharField(
         "spool folder",
         max_length=4096,
+        unique=True,
+        validators=[validation.validate_spool_dir],
         help_text="Absolute local path; tmp/, new/ and cur/ are created in it.",
+    )
+    ca_file = models.CharField(
+        "CA certificate file",
+        max_length=4096,
+        blank=True,
+        validators=[validation.validate_ca_file],
+        help_text="FTPS only: a PEM file of the certificate(s) the server's certificate must "
+        "chain to, for partners with their own CA or a self-signed certificate. Empty: the "
+        "system's trusted CAs.",
     )
     enabled = models.BooleanField(default=True, help_text="Taken by cds_import --all.")
     timeout = models.PositiveIntegerField(
-        default=30, help_text="Seconds any network operation may take."
+        default=30,
+        validators=[MinValueValidator(1)],
+        help_text="Seconds any network operation may take.",
     )
     passive = models.BooleanField("passive mode", default=True)
-    encoding = models.CharField(
-        "file name encoding", max_length=20, choices=ENCODINGS, default="utf-8"
-    )
     stable_after = models.PositiveIntegerField(
         "stability check",
         null=True,
@@ -53,8 +79,17 @@ class CdsSource(models.Model):
     def __str__(self):
         return self.name
 
+    def save(self, *args, **kwargs):
+        # Sources made by scripts and the shell are held to the rules of the admin form.
+        self.full_clean(exclude=["claimed_by", "claimed_until"], validate_unique=False)
+        super().save(*args, **kwargs)
+
     def get_absolute_url(self):
         return reverse("imports:spool", kwargs={"name": self.name})
+
+    def clean(self):
+        if self.ca_file and self.protocol != "ftps":
+            raise ValidationError({"ca_file": "A CA file is used with FTPS only."})
 
     @property
     def store(self) -> FileStore:
@@ -67,6 +102,7 @@ class CdsSource(models.Model):
 class ImportRun(models.Model):
     QUEUED, RUNNING = "queued", "running"
     SUCCESS, NOTHING, LOCKED, BUSY, FAILED = "success", "nothing", "locked", "busy", "failed"
+    INTERRUPTED = "interrupted"
     STATUSES = [
         (QUEUED, "queued"),
         (RUNNING, "running"),
@@ -75,6 +111,7 @@ class ImportRun(models.Model):
         (LOCKED, "locked out"),
         (BUSY, "busy"),
         (FAILED, "failed"),
+        (INTERRUPTED, "interrupted"),
     ]
     TRIGGERS = [("cron", "cron"), ("admin", "admin"), ("page", "page")]
 
@@ -86,7 +123,11 @@ class ImportRun(models.Model):
     queued = models.DateTimeField(auto_now_add=True)
     started = models.DateTimeField(null=True, blank=True)
     finished = models.DateTimeField(null=True, blank=True, db_index=True)
-    status = models.CharField(max_length=10, choices=STATUSES, default=QUEUED, db_index=True)
+    status = models.CharField(max_length=12, choices=STATUSES, default=QUEUED, db_index=True)
+    # The process carrying out the run, so that its death is noticed (processes.py).
+    host = models.CharField(max_length=255, blank=True)
+    pid = models.PositiveIntegerField(null=True, blank=True)
+    task_id = models.CharField("task", max_length=64, blank=True)
     files = models.PositiveIntegerField(default=0)
     bytes = models.PositiveBigIntegerField(default=0)
     files_done = models.PositiveIntegerField(default=0)

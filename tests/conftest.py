@@ -122,7 +122,7 @@ def source(db, ftp_server, spool):
         port=ftp_server.port,
         user="partner",
         password="secret",
-        remote_dir="outbox",
+        remote_dir="/outbox",
         spool_dir=str(spool),
         timeout=5,
     )

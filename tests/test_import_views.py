@@ -110,7 +110,7 @@ def test_run_now_queues_a_run_for_the_worker(
 
 
 def test_runs_list_filters_by_source_and_status(operator_client, source, spool):
-    other = CdsSource.objects.create(name="other", host="h", user="u", spool_dir=str(spool))
+    other = CdsSource.objects.create(name="other", host="h", user="u", spool_dir=f"{spool}-other")
     ImportRun.objects.create(source=source, trigger="cron", status="success")
     ImportRun.objects.create(source=source, trigger="cron", status="failed")
     ImportRun.objects.create(source=other, trigger="page", status="failed")

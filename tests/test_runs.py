@@ -47,7 +47,7 @@ def test_a_run_is_recorded_with_its_files_and_every_log_line(source, ftp_server,
 
 
 def test_the_traceback_of_a_failure_is_stored(source):
-    source.remote_dir = "missing"
+    source.remote_dir = "/missing"
     source.save()
 
     run = run_import(source, trigger="cron")
@@ -109,7 +109,7 @@ def test_command_exit_codes(source, ftp_server):
         call_command("cds_import", "partner")
     assert locked.value.code == 75
 
-    source.remote_dir = "missing"
+    source.remote_dir = "/missing"
     source.save()
     with pytest.raises(SystemExit) as failed:
         call_command("cds_import", "partner")
@@ -135,7 +135,7 @@ def test_command_refuses_unknown_sources_and_missing_arguments(source):
 
 def test_command_all_takes_only_enabled_sources(source, spool):
     CdsSource.objects.create(
-        name="off", host="127.0.0.1", port=1, user="u", spool_dir=str(spool), enabled=False
+        name="off", host="127.0.0.1", port=1, user="u", spool_dir=f"{spool}-off", enabled=False
     )
 
     call_command("cds_import", "--all")
@@ -191,12 +191,13 @@ def test_admin_never_shows_the_password_and_keeps_it_when_left_empty(admin_clien
         "port": source.port,
         "user": "partner",
         "password": "",
-        "remote_dir": "outbox",
+        "remote_dir": "/outbox",
         "spool_dir": source.spool_dir,
         "enabled": "on",
         "timeout": 5,
         "passive": "on",
-        "encoding": "utf-8",
+        "protocol": "ftp",
+        "ca_file": "",
         "stable_after": "",
     }
     assert admin_client.post(url, data).status_code == 302

@@ -4,7 +4,7 @@ from django import forms
 from django.contrib import admin
 
 from .models import CdsSource, ImportedFile, ImportLogEntry, ImportRun
-from .runs import enqueue_import
+from .runs import enqueue_import, interrupt_dead_runs
 
 
 class CdsSourceForm(forms.ModelForm):
@@ -90,6 +90,14 @@ class ImportRunAdmin(admin.ModelAdmin):
     list_display = ("__str__", "source", "trigger", "user", "status", "files", "bytes", "finished")
     list_filter = ("source", "status", "trigger")
     inlines = [ImportedFileInline, ImportLogEntryInline]
+
+    def changelist_view(self, request, extra_context=None):
+        interrupt_dead_runs()
+        return super().changelist_view(request, extra_context)
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        interrupt_dead_runs()
+        return super().change_view(request, object_id, form_url, extra_context)
 
     def has_add_permission(self, request):
         return False

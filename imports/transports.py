@@ -98,11 +98,7 @@ class _ReusingFTP_TLS(ftplib.FTP_TLS):
 def tls_context(ca_file: str | None = None) -> ssl.SSLContext:
     """Verifying context: the certificate must chain to `ca_file` (default: the system's CAs)
     and name the host."""
-    context = ssl.create_default_context(cafile=ca_file or None)
-    # Session resumption on the data connections is reliable with TLS 1.2 across servers;
-    # TLS 1.3 hands out its session only after the first read, too late for a data channel.
-    context.maximum_version = ssl.TLSVersion.TLSv1_2
-    return context
+    return ssl.create_default_context(cafile=ca_file or None)
 
 
 class FtpTransport:

@@ -13,7 +13,7 @@ from django.views.decorators.http import require_POST
 from datacenter.views import paginate
 
 from .models import CdsSource, ImportRun
-from .runs import enqueue_import
+from .runs import enqueue_import, interrupt_dead_runs
 
 CHART_DAYS = 30
 CHART_HEIGHT = 100  # SVG units; each day is 10 wide
@@ -60,6 +60,7 @@ def files_per_day(days: int = CHART_DAYS) -> list[dict]:
 
 @imports_permission("view_importrun")
 def overview(request):
+    interrupt_dead_runs()
     sources = [
         {"source": source, "last_run": source.last_run(), "waiting": waiting_files(source)}
         for source in CdsSource.objects.all()
@@ -80,6 +81,7 @@ def run_now(request, name):
 
 @imports_permission("view_importrun")
 def runs(request):
+    interrupt_dead_runs()
     queryset = ImportRun.objects.select_related("source", "user")
     source, status = request.GET.get("source", ""), request.GET.get("status", "")
     if source:
@@ -99,6 +101,7 @@ def runs(request):
 
 @imports_permission("view_importrun")
 def run(request, pk):
+    interrupt_dead_runs()
     run = get_object_or_404(ImportRun.objects.select_related("source", "user"), pk=pk)
     context = {
         "run": run,

@@ -126,3 +126,28 @@ def source(db, ftp_server, spool):
         spool_dir=str(spool),
         timeout=5,
     )
+
+
+@pytest.fixture
+def start_vsftpd(tmp_path):
+    """Start Debian's vsftpd on 127.0.0.1 (tests/servers.py); stopped after the test."""
+    from .servers import Vsftpd
+
+    servers = []
+
+    def start(**options):
+        server = Vsftpd(tmp_path / f"vsftpd{len(servers)}", **options)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def certificate(tmp_path):
+    """A self-signed certificate for 127.0.0.1 and its key."""
+    from .servers import make_certificate
+
+    return make_certificate(tmp_path)

@@ -1,0 +1,148 @@
+"""Real servers of Debian's packages, started by the tests on 127.0.0.1 with free ports.
+
+Each gets a folder, a configuration and a log of its own; the system's services are never
+touched. `.ci/run` installs the packages; elsewhere a missing server skips its tests, unless
+DATACENTER_REQUIRE_SERVERS is set (as in CI), when it fails them.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+VSFTPD = "/usr/sbin/vsftpd"
+
+
+def require(program: str) -> None:
+    if os.path.exists(program) and os.geteuid() == 0:
+        return
+    reason = f"{program} is not installed" if not os.path.exists(program) else "needs root"
+    if os.environ.get("DATACENTER_REQUIRE_SERVERS"):
+        pytest.fail(f"This test needs {program}: {reason}.")
+    pytest.skip(f"{program}: {reason} (install it as .ci/run does).")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, log: Path | None = None) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            detail = log.read_text() if log and log.exists() else ""
+            raise RuntimeError(f"the server ended with {process.returncode}: {detail}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+def make_certificate(folder: Path, name: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A self-signed certificate for `name` (an IP address or a host name) and its key."""
+    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
+    kind = "IP" if name.replace(".", "").isdigit() else "DNS"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"]
+        + ["-keyout", str(key), "-out", str(cert), "-subj", f"/CN={name}"]
+        + ["-addext", f"subjectAltName={kind}:{name}"],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+class Vsftpd:
+    """Debian's vsftpd serving an anonymous drop box `root/outbox`, with its defaults of a
+    write-only drop box (uploads stored 0600 and never sent back) unless `options` say else.
+    """
+
+    user, password = "anonymous", "partner-password-42"
+
+    def __init__(self, base: Path, **options):
+        require(VSFTPD)
+        self.base = base
+        self.root = base / "root"
+        self.dir = self.root / "outbox"
+        self.dir.mkdir(parents=True)
+        os.chmod(self.root, 0o755)
+        shutil.chown(self.dir, "ftp", "ftp")
+        self.log = base / "vsftpd.log"
+        self.port = free_port()
+        self.start(**options)
+
+    def start(self, **options) -> None:
+        """Serve with the defaults changed by `options`, on the same port every time."""
+        config = {
+            "listen": "YES",
+            "listen_address": "127.0.0.1",
+            "listen_port": self.port,
+            "background": "NO",
+            "anonymous_enable": "YES",
+            "local_enable": "NO",
+            "anon_root": self.root,
+            "write_enable": "YES",
+            "anon_upload_enable": "YES",
+            "anon_other_write_enable": "YES",
+            "ftp_username": "ftp",
+            "xferlog_enable": "YES",
+            "xferlog_std_format": "NO",
+            "log_ftp_protocol": "YES",
+            "vsftpd_log_file": self.log,
+            # Containers refuse the namespaces and seccomp filters of vsftpd's sandbox.
+            "seccomp_sandbox": "NO",
+            "isolate": "NO",
+            "isolate_network": "NO",
+            **options,
+        }
+        self.config = self.base / "vsftpd.conf"
+        self.config.write_text("".join(f"{key}={value}\n" for key, value in config.items()))
+        os.chmod(self.config, 0o600)
+        self.process = subprocess.Popen(
+            [VSFTPD, str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        try:
+            wait_for_port(self.port, self.process, self.log)
+        except RuntimeError:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        self.process.stderr.close()
+
+    def restart(self, **options) -> None:
+        self.stop()
+        self.start(**options)
+
+    def options(self, store_dir, **extra) -> dict:
+        """The arguments of imports.cds.import_ for this server."""
+        return {
+            "store_dir": str(store_dir),
+            "host": "127.0.0.1",
+            "port": self.port,
+            "user": self.user,
+            "password": self.password,
+            "path": "/outbox",
+            "timeout": 10,
+            **extra,
+        }
+
+    def put(self, name: str | bytes, data: bytes = b"data") -> None:
+        """A file the partner published: readable by all, as partners' files are."""
+        path = os.path.join(bytes(self.dir), os.fsencode(name))
+        with open(path, "wb") as handle:
+            handle.write(data)
+        os.chmod(path, 0o644)
+
+    def names(self) -> list[bytes]:
+        return sorted(os.listdir(bytes(self.dir)))

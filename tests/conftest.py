@@ -19,6 +19,32 @@ DATACENTER_PERMISSIONS = [
 PASSWORD = "correct horse battery staple"
 
 
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix, tmp_path_factory):
+    """A SQLite test database in a file, so that processes started by a test share it."""
+    from django.conf import settings
+
+    database = settings.DATABASES["default"]
+    if database["ENGINE"].endswith("sqlite3"):
+        name = tmp_path_factory.mktemp("database") / "test.sqlite3"
+        database.setdefault("TEST", {})["NAME"] = str(name)
+
+
+def process_env(**extra) -> dict:
+    """The environment of a manage.py process that uses the test database."""
+    from django.db import connection
+
+    database = connection.settings_dict
+    if database["ENGINE"].endswith("sqlite3"):
+        url = f"sqlite:///{database['NAME']}"
+    else:
+        url = (
+            f"postgres://{database['USER']}:{database['PASSWORD']}@{database['HOST']}:"
+            f"{database['PORT']}/{database['NAME']}"
+        )
+    return {**os.environ, "DATABASE_URL": url, **extra}
+
+
 @pytest.fixture(autouse=True)
 def storage_root(settings, tmp_path):
     """Every test gets a data center of its own (and cheap password hashing)."""

@@ -89,6 +89,9 @@ def test_overview_shows_sources_last_run_waiting_files_and_chart(
     assert b"Run now" in response.content
 
 
+# The worker commits and closes its connections as in production, which a test transaction
+# around it would not survive.
+@pytest.mark.django_db(transaction=True)
 def test_run_now_queues_a_run_for_the_worker(
     operator_client, operator, source, ftp_server, django_capture_on_commit_callbacks
 ):

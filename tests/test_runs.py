@@ -146,6 +146,9 @@ def test_command_all_takes_only_enabled_sources(source, spool):
 # The admin
 
 
+# The worker commits and closes its connections as in production, which a test transaction
+# around it would not survive.
+@pytest.mark.django_db(transaction=True)
 def test_admin_action_queues_a_run_that_the_worker_carries_out(
     admin_client, source, ftp_server, django_capture_on_commit_callbacks
 ):

@@ -1,0 +1,122 @@
+"""Runs whose process is killed: taken over at once on the same host, marked interrupted,
+with their audit, and nothing lost or doubled. Real processes, killed with SIGKILL."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from django.core.management import call_command
+from django.tasks import TaskResultStatus
+from django_tasks_db.models import DBTaskResult
+from pyftpdlib.handlers import ThrottledDTPHandler
+
+from imports.models import CdsSource, ImportRun
+from imports.runs import enqueue_import, interrupt_dead_runs, run_import
+
+from .conftest import process_env
+from .test_cds import spooled
+
+ROOT = Path(__file__).resolve().parent.parent
+PAYLOADS = {"a.xml": b"<a/>", "b.xml": b"<bb/>", "c.bin": os.urandom(2 * 1024 * 1024)}
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def slow_server(start_ftp_server):
+    """An FTP server that sends 64 KiB/s until told otherwise, with the three files."""
+    dtp = type("SlowDTP", (ThrottledDTPHandler,), {"read_limit": 0, "write_limit": 64 * 1024})
+    server = start_ftp_server(dtp_handler=dtp)
+    server.dtp = dtp
+    for name, data in PAYLOADS.items():
+        server.put(name, data)
+    return server
+
+
+@pytest.fixture
+def slow_source(slow_server, spool):
+    return CdsSource.objects.create(
+        name="partner",
+        host=slow_server.host,
+        port=slow_server.port,
+        user="partner",
+        password="secret",
+        remote_dir="/outbox",
+        spool_dir=str(spool),
+        timeout=5,
+    )
+
+
+def kill_during_the_large_file(process: subprocess.Popen, spool) -> None:
+    partial = Path(spool) / "tmp" / ".c.bin.part"
+    try:
+        deadline = time.monotonic() + 60
+        while not (partial.exists() and partial.stat().st_size > 0):
+            assert process.poll() is None, "the process ended before the kill"
+            assert time.monotonic() < deadline, "no partial download appeared"
+            time.sleep(0.02)
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_a_killed_cds_import_is_taken_over_at_once_by_the_next(slow_server, slow_source, spool):
+    importer = subprocess.Popen(
+        [sys.executable, "manage.py", "cds_import", "partner"],
+        cwd=ROOT,
+        env=process_env(),
+        stdout=subprocess.DEVNULL,
+    )
+    kill_during_the_large_file(importer, spool)
+    killed = ImportRun.objects.get()
+    assert killed.status == "running"
+    slow_server.dtp.write_limit = 0
+
+    call_command("cds_import", "partner")  # exits 0: not busy, not locked out
+
+    killed.refresh_from_db()
+    assert (killed.status, killed.files, killed.bytes) == ("interrupted", 2, 9)
+    assert killed.finished is not None
+    assert list(killed.file_records.values_list("name", "outcome")) == [
+        ("a.xml", "delivered"),
+        ("b.xml", "delivered"),
+    ]
+    assert "died." in killed.error
+    rerun = ImportRun.objects.exclude(pk=killed.pk).get()
+    assert (rerun.status, rerun.files) == ("success", 1)
+    messages = list(rerun.log_entries.values_list("message", flat=True))
+    assert any("died; this run takes over." in message for message in messages)
+    assert any(m.startswith("Removing a stale lock file of our own: read") for m in messages)
+    assert spooled(spool) == PAYLOADS
+    assert slow_server.names() == []
+
+
+def test_a_killed_worker_leaves_no_run_or_task_running(slow_server, slow_source, spool):
+    run = enqueue_import(slow_source, trigger="page")
+    run.refresh_from_db()
+    assert run.task_id
+    worker = subprocess.Popen(
+        [sys.executable, "manage.py", "db_worker", "--no-reload", "--interval", "0.1"],
+        cwd=ROOT,
+        env=process_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    kill_during_the_large_file(worker, spool)
+    task = DBTaskResult.objects.get(id=run.task_id)
+    assert task.status == TaskResultStatus.RUNNING
+
+    assert interrupt_dead_runs() == 1  # what every imports page and the next run do
+
+    run.refresh_from_db()
+    task.refresh_from_db()
+    assert (run.status, run.files) == ("interrupted", 2)
+    assert task.status == TaskResultStatus.FAILED
+    assert "died" in task.traceback
+    slow_server.dtp.write_limit = 0
+    assert run_import(slow_source, trigger="cron").status == "success"
+    assert spooled(spool) == PAYLOADS
+    assert slow_server.names() == []

@@ -10,6 +10,7 @@ that dies anywhere is repaired by the next one: partial downloads are discarded,
 finish their journey without being downloaded twice.
 """
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -469,13 +470,16 @@ def _download(transport, store: FileStore, remote: RemoteEntry, local: str) -> t
     try:
         with _spool_errors():
             handle = _open_partial(partial)
-        with handle:
+        try:
             writer = _HashingWriter(handle)
             transport.retrieve(remote.raw, writer)
             with _spool_errors():
                 handle.flush()
                 os.fsync(handle.fileno())
                 received = handle.tell()
+        finally:
+            with contextlib.suppress(OSError):  # the flush above reported any failure
+                handle.close()
         expected = remote.size if remote.size is not None else transport.size(remote.raw)
         if expected is not None and received != expected:
             raise TransferError(f"received {received} of {expected} bytes")

@@ -549,3 +549,32 @@ def test_the_devserver_command_serves_a_folder(tmp_path, spool):
 
     assert result.status == cds.SUCCESS
     assert spooled(spool) == {"a.xml": b"<a/>"}
+
+
+def test_a_full_disk_is_reported_as_such_and_loses_nothing(
+    ftp_server, spool, cds_log, monkeypatch
+):
+    ftp_server.put("a.xml", b"<a/>")
+    ftp_server.put("b.xml", b"<b/>")
+    # The kernel's own "disk full": every write to /dev/full fails with ENOSPC.
+    monkeypatch.setattr(cds, "_open_partial", lambda path: open("/dev/full", "wb"))  # noqa: SIM115
+
+    result = import_(**ftp_server.options(spool))
+
+    log = messages(cds_log)
+    assert "Could not write to the spool: No space left on device" in log
+    assert "Error accessing FTP server." not in log
+    assert log[5:] == [
+        "Downloading: a.xml",
+        "Could not store a.xml; it stays on the server.",
+        "Could not write to the spool: No space left on device",
+        "Removing lock file: read",
+        "Lock file successfully removed: read",
+        "Disconnected from CDS FTP server",
+        "Exiting with exception:",
+    ]
+    assert result.status == cds.FAILED
+    assert ftp_server.names() == ["a.xml", "b.xml"]  # the lock is gone, the files are kept
+    assert spooled(spool) == {}
+    assert os.listdir(Path(spool) / "tmp") == []
+    assert sorted(os.listdir(spool)) == ["cur", "new", "tmp"]

@@ -172,3 +172,56 @@ def test_spool_downloads_only_serve_files_of_new_and_cur(
         kwargs={"name": "partner", "folder": folder, "filename": filename},
     )
     assert operator_client.get(url).status_code == 404
+
+
+def test_the_spool_browser_never_follows_a_folder_link_out_of_the_spool(
+    operator_client, source, spooled, tmp_path
+):
+    secret = tmp_path / "elsewhere"
+    secret.mkdir()
+    (secret / "passwd").write_bytes(b"root:x:0:0")
+    new = Path(spooled.path) / "new"
+    (new / "a.xml").unlink()
+    new.rmdir()
+    new.symlink_to(secret)
+
+    listing = operator_client.get(reverse("imports:spool", kwargs={"name": "partner"}))
+    download = operator_client.get(
+        reverse(
+            "imports:spool_download",
+            kwargs={"name": "partner", "folder": "new", "filename": "passwd"},
+        )
+    )
+    mark = operator_client.post(
+        reverse("imports:mark_processed", kwargs={"name": "partner", "filename": "passwd"})
+    )
+
+    assert list(listing.context["page"]) == []
+    assert download.status_code == 404
+    assert mark.status_code == 404
+    assert (secret / "passwd").read_bytes() == b"root:x:0:0"
+
+
+def test_an_interrupted_run_is_shown_as_such_on_every_page(operator_client, admin_client, source):
+    from imports.processes import HOST
+
+    from .test_cds import dead_pid
+
+    run = ImportRun.objects.create(
+        source=source, trigger="cron", status="running", host=HOST, pid=dead_pid()
+    )
+    CdsSource.objects.filter(pk=source.pk).update(claimed_by=run)
+
+    overview = operator_client.get(reverse("imports:overview")).content.decode()
+    run_page = operator_client.get(run.get_absolute_url()).content.decode()
+    runs = operator_client.get(reverse("imports:runs")).content.decode()
+    admin = admin_client.get(reverse("admin:imports_importrun_changelist")).content.decode()
+
+    run.refresh_from_db()
+    assert run.status == "interrupted" and run.finished is not None
+    assert ">interrupted</a>" in overview
+    assert 'id="run-status">interrupted' in run_page
+    assert "<td>interrupted</td>" in runs
+    assert '<td class="field-status">interrupted</td>' in admin
+    assert 'http-equiv="refresh"' not in run_page
+    assert "died." in run_page

@@ -13,6 +13,7 @@ EXIT_CODES = {
     ImportRun.LOCKED: EX_TEMPFAIL,
     ImportRun.BUSY: EX_TEMPFAIL,
     ImportRun.FAILED: 1,
+    ImportRun.INTERRUPTED: 1,
 }
 
 

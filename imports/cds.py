@@ -12,7 +12,6 @@ finish their journey without being downloaded twice.
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import ssl
@@ -24,7 +23,7 @@ from datetime import UTC, datetime
 from io import BytesIO
 
 from .processes import HOST, died_on_this_host
-from .spool import FileStore, sync_folder
+from .spool import FileStore
 from .transports import (
     CONNECTION_ERRORS,
     SERVER_ERRORS,
@@ -42,7 +41,6 @@ SUCCESS, NOTHING, LOCKED, FAILED = "success", "nothing", "locked", "failed"
 READ_LOCK, WRITE_LOCK = "read", "write"
 LOCK_NAMES = {READ_LOCK.encode(), WRITE_LOCK.encode()}
 MAX_NAME_BYTES = 240  # leaves room for the hidden partial and journal names of a download
-PARTIAL_SUFFIX, JOURNAL_SUFFIX = ".part", ".journal"
 # Lock records of the import_ calls running in this process: a long-lived worker outlives
 # its runs, so its process id alone does not say that a run is still going.
 _ACTIVE_LOCKS: set[str] = set()
@@ -465,8 +463,7 @@ def _open_partial(path: str):
 
 def _download(transport, store: FileStore, remote: RemoteEntry, local: str) -> tuple[str, int]:
     """Fetch `remote` into ``tmp/LOCAL`` with its journal; return its SHA-256 and size."""
-    tmp = store.folder("tmp")
-    partial = os.path.join(tmp, f".{local}{PARTIAL_SUFFIX}")
+    partial = store.partial_path(local)
     try:
         with _spool_errors():
             handle = _open_partial(partial)
@@ -490,12 +487,7 @@ def _download(transport, store: FileStore, remote: RemoteEntry, local: str) -> t
             "modify": remote.modify,
         }
         with _spool_errors():
-            with open(os.path.join(tmp, f".{local}{JOURNAL_SUFFIX}"), "w") as handle:
-                json.dump(journal, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.rename(partial, os.path.join(tmp, local))
-            sync_folder(tmp)
+            store.complete(local, journal)
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
@@ -503,41 +495,18 @@ def _download(transport, store: FileStore, remote: RemoteEntry, local: str) -> t
 
 
 def _deliver(store: FileStore, local: str) -> None:
-    """Move a complete file from ``tmp/`` to ``new/`` and drop its journal."""
-    final = store.free_name(local) if os.path.lexists(store.path_of("new", local)) else local
-    if final != local:
-        os.rename(store.path_of("tmp", local), store.path_of("tmp", final))
-    store.move(final, "tmp", "new")
-    journal = os.path.join(store.folder("tmp"), f".{local}{JOURNAL_SUFFIX}")
-    if os.path.exists(journal):
-        os.unlink(journal)
-    log.info("Moved from 'tmp' to 'new': %s", final)
+    log.info("Moved from 'tmp' to 'new': %s", store.deliver(local))
 
 
 def _repair_spool(store: FileStore) -> list[tuple[str, dict]]:
     """Clean up after a run that died: discard partial downloads, deliver complete files
     without a journal, and return the complete ones whose journey on the server may need
     finishing, as (local name, journal)."""
-    tmp = store.folder("tmp")
-    journeys = []
-    for name in sorted(os.listdir(tmp)):
-        path = os.path.join(tmp, name)
-        if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
-            os.unlink(path)
-            log.warning(
-                "Discarded a partial download of an earlier run: %s",
-                name[1 : -len(PARTIAL_SUFFIX)],
-            )
-        elif name.startswith(".") and name.endswith(JOURNAL_SUFFIX):
-            if not os.path.exists(os.path.join(tmp, name[1 : -len(JOURNAL_SUFFIX)])):
-                os.unlink(path)
-        elif not name.startswith("."):
-            journal = os.path.join(tmp, f".{name}{JOURNAL_SUFFIX}")
-            if os.path.exists(journal):
-                with open(journal) as handle:
-                    journeys.append((name, json.load(handle)))
-            else:
-                _deliver(store, name)
+    discarded, complete, journeys = store.leftovers()
+    for name in discarded:
+        log.warning("Discarded a partial download of an earlier run: %s", name)
+    for name in complete:
+        _deliver(store, name)
     return journeys
 
 

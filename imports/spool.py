@@ -13,6 +13,9 @@ import os
 from datacenter.storage import check_file_name, place_new_file
 
 FOLDERS = ("tmp", "new", "cur")
+PARTIAL_SUFFIX, JOURNAL_SUFFIX = ".part", ".journal"
+Names = list[str]
+Journeys = list[tuple[str, dict]]  # complete downloads in tmp/ with their journal
 
 
 class FileStore:
@@ -67,6 +70,58 @@ class FileStore:
         target = self.path_of(destination, name)
         place_new_file(self.path_of(source, name), target)
         return target
+
+    # A download in tmp/ is first a hidden partial file; once complete and synced it gets its
+    # name, beside a journal of where it came from, until it is moved on to new/.
+
+    def partial_path(self, name: str) -> str:
+        return os.path.join(self.folder("tmp"), f".{name}{PARTIAL_SUFFIX}")
+
+    def journal_path(self, name: str) -> str:
+        return os.path.join(self.folder("tmp"), f".{name}{JOURNAL_SUFFIX}")
+
+    def complete(self, name: str, journal: dict) -> None:
+        """Durably turn the synced partial file of `name` into ``tmp/NAME`` with `journal`."""
+        with open(self.journal_path(name), "w") as handle:
+            json.dump(journal, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.rename(self.partial_path(name), os.path.join(self.folder("tmp"), name))
+        sync_folder(self.folder("tmp"))
+
+    def deliver(self, name: str) -> str:
+        """Move the complete file `name` from ``tmp/`` to ``new/``, under a free name when
+        `name` is taken there, and drop its journal. Returns the name in ``new/``."""
+        final = self.free_name(name) if os.path.lexists(self.path_of("new", name)) else name
+        if final != name:
+            os.rename(self.path_of("tmp", name), self.path_of("tmp", final))
+        self.move(final, "tmp", "new")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.journal_path(name))
+        return final
+
+    def leftovers(self) -> tuple[Names, Names, Journeys]:
+        """What a run that died left in ``tmp/``, sorted out: the names of the partial
+        downloads (discarded here), of the complete files without a journal (to deliver),
+        and the complete files with their journal (whose removal on the server may be due).
+        """
+        tmp = self.folder("tmp")
+        discarded, complete, journeys = [], [], []
+        for name in sorted(os.listdir(tmp)):
+            path = os.path.join(tmp, name)
+            if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
+                os.unlink(path)
+                discarded.append(name[1 : -len(PARTIAL_SUFFIX)])
+            elif name.startswith(".") and name.endswith(JOURNAL_SUFFIX):
+                if not os.path.exists(os.path.join(tmp, name[1 : -len(JOURNAL_SUFFIX)])):
+                    os.unlink(path)
+            elif not name.startswith("."):
+                try:
+                    with open(self.journal_path(name)) as handle:
+                        journeys.append((name, json.load(handle)))
+                except FileNotFoundError:
+                    complete.append(name)
+        return discarded, complete, journeys
 
     def free_name(self, name: str) -> str:
         """`name`, or `name.N` with the smallest N, so that no folder of the spool has it yet."""

@@ -220,27 +220,9 @@ def _mlsd_kind(fact: str) -> str:
     return {"file": "file", "dir": "dir", "cdir": "dir", "pdir": "dir"}.get(fact, "other")
 
 
-def open_transport(
-    protocol: str,
-    host: str,
-    port: int,
-    user: str,
-    password: str,
-    *,
-    timeout: float = 30,
-    passive: bool = True,
-    ca_file: str | None = None,
-) -> FtpTransport:
-    """A logged-in transport of `protocol` (``ftp`` or ``ftps``)."""
+def open_transport(protocol: str, host: str, port: int, user: str, password: str, **options):
+    """A logged-in transport of `protocol` (``ftp`` or ``ftps``); `options` are the
+    transport's (`timeout`, `passive`, `ca_file`)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"Unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}.")
-    return FtpTransport(
-        host,
-        port,
-        user,
-        password,
-        timeout=timeout,
-        passive=passive,
-        tls=protocol == "ftps",
-        ca_file=ca_file,
-    )
+    return FtpTransport(host, port, user, password, tls=protocol == "ftps", **options)

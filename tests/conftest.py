@@ -1,4 +1,6 @@
 import os
+import subprocess
+import time
 
 import pytest
 from django.contrib.auth.models import Permission
@@ -110,21 +112,27 @@ def tree(root) -> dict[str, bytes]:
     return result
 
 
-@pytest.fixture
-def start_ftp_server(tmp_path):
-    """Start a real FTP server on 127.0.0.1; stopped after the test."""
-    from .ftp import ServerThread
-
+def started_servers(tmp_path, server_class, prefix: str):
+    """A fixture's body: yields start(**options) -> a server in a folder of its own, and
+    stops every server it started after the test."""
     servers = []
 
-    def start(**handler_attributes):
-        server = ServerThread(tmp_path / f"ftp{len(servers)}", **handler_attributes)
+    def start(**options):
+        server = server_class(tmp_path / f"{prefix}{len(servers)}", **options)
         servers.append(server)
         return server
 
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def start_ftp_server(tmp_path):
+    """Start a real FTP server (pyftpdlib) on 127.0.0.1; its options are the handler's."""
+    from .ftp import ServerThread
+
+    yield from started_servers(tmp_path, ServerThread, "ftp")
 
 
 @pytest.fixture
@@ -137,15 +145,14 @@ def spool(tmp_path):
     return tmp_path / "spool"
 
 
-@pytest.fixture
-def source(db, ftp_server, spool):
-    """A CDS source of the test FTP server, named partner."""
+def make_source(server, spool):
+    """A CDS source named partner of a test FTP server (tests/ftp.py)."""
     from imports.models import CdsSource
 
     return CdsSource.objects.create(
         name="partner",
-        host=ftp_server.host,
-        port=ftp_server.port,
+        host=server.host,
+        port=server.port,
         user="partner",
         password="secret",
         remote_dir="/outbox",
@@ -155,20 +162,29 @@ def source(db, ftp_server, spool):
 
 
 @pytest.fixture
+def source(db, ftp_server, spool):
+    return make_source(ftp_server, spool)
+
+
+def kill_when_written(process: subprocess.Popen, path, timeout: float = 60) -> None:
+    """SIGKILL `process` as soon as the file `path` has some bytes: in the middle of a write."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not (os.path.exists(path) and os.path.getsize(path) > 0):
+            assert process.poll() is None, "the process ended before the kill"
+            assert time.monotonic() < deadline, f"{path} was not written in time"
+            time.sleep(0.02)
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture
 def start_vsftpd(tmp_path):
-    """Start Debian's vsftpd on 127.0.0.1 (tests/servers.py); stopped after the test."""
+    """Start Debian's vsftpd on 127.0.0.1 (tests/servers.py); its options are vsftpd's."""
     from .servers import Vsftpd
 
-    servers = []
-
-    def start(**options):
-        server = Vsftpd(tmp_path / f"vsftpd{len(servers)}", **options)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
+    yield from started_servers(tmp_path, Vsftpd, "vsftpd")
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from imports.cds import import_
 from imports.spool import FileStore
 from imports.transports import FtpTransport
 
+from .conftest import kill_when_written
 from .ftp import FaultyFS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -247,16 +248,7 @@ def test_an_importer_killed_mid_file_is_repaired_by_the_next_run(start_ftp_serve
         f"import_({str(spool)!r}, '127.0.0.1', {server.port}, 'partner', 'secret', 'outbox')"
     )
     importer = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
-    partial = Path(spool) / "tmp" / ".big.bin.part"
-    try:
-        deadline = time.monotonic() + 30
-        while not (partial.exists() and partial.stat().st_size > 0):
-            assert importer.poll() is None, "the importer ended before the kill"
-            assert time.monotonic() < deadline, "no partial download appeared"
-            time.sleep(0.05)
-    finally:
-        importer.kill()
-        importer.wait()
+    kill_when_written(importer, Path(spool) / "tmp" / ".big.bin.part")
     assert server.names() == ["big.bin", "read"]  # our lock, left by the killed process
     slow.write_limit = 0
 

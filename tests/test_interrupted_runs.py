@@ -4,7 +4,6 @@ with their audit, and nothing lost or doubled. Real processes, killed with SIGKI
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,10 +12,10 @@ from django.tasks import TaskResultStatus
 from django_tasks_db.models import DBTaskResult
 from pyftpdlib.handlers import ThrottledDTPHandler
 
-from imports.models import CdsSource, ImportRun
+from imports.models import ImportRun
 from imports.runs import enqueue_import, interrupt_dead_runs, run_import
 
-from .conftest import process_env
+from .conftest import kill_when_written, make_source, process_env
 from .test_cds import spooled
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,29 +37,11 @@ def slow_server(start_ftp_server):
 
 @pytest.fixture
 def slow_source(slow_server, spool):
-    return CdsSource.objects.create(
-        name="partner",
-        host=slow_server.host,
-        port=slow_server.port,
-        user="partner",
-        password="secret",
-        remote_dir="/outbox",
-        spool_dir=str(spool),
-        timeout=5,
-    )
+    return make_source(slow_server, spool)
 
 
 def kill_during_the_large_file(process: subprocess.Popen, spool) -> None:
-    partial = Path(spool) / "tmp" / ".c.bin.part"
-    try:
-        deadline = time.monotonic() + 60
-        while not (partial.exists() and partial.stat().st_size > 0):
-            assert process.poll() is None, "the process ended before the kill"
-            assert time.monotonic() < deadline, "no partial download appeared"
-            time.sleep(0.02)
-    finally:
-        process.kill()
-        process.wait()
+    kill_when_written(process, Path(spool) / "tmp" / ".c.bin.part")
 
 
 def test_a_killed_cds_import_is_taken_over_at_once_by_the_next(slow_server, slow_source, spool):

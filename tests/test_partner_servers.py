@@ -9,7 +9,6 @@ import os
 import ssl
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from imports import cds
 from imports.cds import import_
 from imports.transports import decode_name
 
+from .conftest import kill_when_written
 from .test_cds import spooled
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,16 +84,7 @@ def test_write_only_drop_box_importer_killed_mid_transfer_then_rerun(start_vsftp
     options = server.options(spool)
     script = f"from imports.cds import import_; import_(**{options!r})"
     importer = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
-    partial = Path(spool) / "tmp" / ".b.bin.part"
-    try:
-        deadline = time.monotonic() + 30
-        while not (partial.exists() and partial.stat().st_size > 0):
-            assert importer.poll() is None, "the importer ended before the kill"
-            assert time.monotonic() < deadline, "no partial download appeared"
-            time.sleep(0.02)
-    finally:
-        importer.kill()
-        importer.wait()
+    kill_when_written(importer, Path(spool) / "tmp" / ".b.bin.part")
     assert server.names() == [b"b.bin", b"c.xml", b"read"]
     assert retrieve_fails(server, "read").startswith("550")  # our lock: never readable
     server.restart()  # the same drop box, without the throttle

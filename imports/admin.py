@@ -29,6 +29,7 @@ class CdsSourceForm(forms.ModelForm):
             "timeout",
             "ca_file",
             "passive",
+            "parallel",
             "stable_after",
         ]
 

@@ -10,11 +10,11 @@ that dies anywhere is repaired by the next one: partial downloads are discarded,
 finish their journey without being downloaded twice.
 """
 
-import contextlib
-import hashlib
+import functools
 import logging
 import os
 import ssl
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from io import BytesIO
 
+from .fetch import FileOutcome, SpoolError, fetch, finish_journeys, repair, spool_errors
 from .processes import HOST, died_on_this_host
 from .spool import FileStore
 from .transports import (
@@ -33,54 +34,17 @@ from .transports import (
     open_transport,
 )
 
-__all__ = ["PermanentError", "TemporaryError", "import_", "name_problem"]
+__all__ = ["FileOutcome", "PermanentError", "TemporaryError", "import_", "name_problem"]
 
 log = logging.getLogger("imports.cds")
 
 SUCCESS, NOTHING, LOCKED, FAILED = "success", "nothing", "locked", "failed"
 READ_LOCK, WRITE_LOCK = "read", "write"
 LOCK_NAMES = {READ_LOCK.encode(), WRITE_LOCK.encode()}
-MAX_NAME_BYTES = 240  # leaves room for the hidden partial and journal names of a download
+MAX_NAME_BYTES = 240  # leaves room for the hidden partial name of a download
 # Lock records of the import_ calls running in this process: a long-lived worker outlives
 # its runs, so its process id alone does not say that a run is still going.
 _ACTIVE_LOCKS: set[str] = set()
-
-
-class TransferError(Exception):
-    """A download that did not arrive complete."""
-
-
-class SpoolError(Exception):
-    """Writing to the local spool failed (disk full, permissions): not the server's fault."""
-
-    def __init__(self, error: OSError):
-        super().__init__(error.strerror or str(error))
-        self.error = error
-
-
-TRANSFER_ERRORS = (*SERVER_ERRORS, TransferError)
-
-
-class _spool_errors:
-    """Raise local file errors as SpoolError."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, traceback):
-        if isinstance(exc, OSError):
-            raise SpoolError(exc) from exc
-        return False
-
-
-@dataclass
-class FileOutcome:
-    name: str
-    size: int | None
-    outcome: str  # delivered, failed or skipped
-    local_name: str = ""
-    sha256: str = ""
-    reason: str = ""
 
 
 @dataclass
@@ -117,6 +81,7 @@ def import_(
     ca_file: str | None = None,
     timeout: float = 30,
     passive: bool = True,
+    parallel: int = 4,
     stable_after: float | None = None,
     stability_interval: float = 2,
     lock_lease: float = 3600,
@@ -128,7 +93,8 @@ def import_(
     """Import every new file of the CDS directory `path` into the spool at `store_dir`.
 
     `protocol` is ``ftp`` or ``ftps`` (explicit TLS, verified against `ca_file` or the
-    system's CAs). `timeout` bounds every network operation, in seconds. With `stable_after`
+    system's CAs). `timeout` bounds every network operation, in seconds. Up to `parallel`
+    connections transfer files at once under the one lock (fetch.py). With `stable_after`
     (seconds), a file is taken only when its size did not change across two listings
     `stability_interval` seconds apart and it is at least that old, for partners that do not
     hold ``write`` while uploading.
@@ -137,15 +103,15 @@ def import_(
     only. Ours is stale when its process is gone (this host), older than `lock_lease` seconds
     (another host), or at once when the caller holds the source's claim (`claimed`), since
     then no other run of ours can be going. `progress(done, total)` is called after each
-    file, `on_file(outcome)` as soon as a file is delivered, failed or skipped.
+    file, `on_file(outcome)` as soon as a file is delivered, failed or skipped; both may be
+    called from the threads of the transfer connections.
     """
     log.info("Starting import.")
     result = ImportResult(on_file=on_file)
     store = FileStore(store_dir)
     try:
-        with _spool_errors():
+        with spool_errors():
             store.prepare()
-            journeys = _repair_spool(store)
     except SpoolError as exc:
         log.error("Could not write to the spool: %s", exc)
         return _failed(result, exc)
@@ -155,17 +121,18 @@ def import_(
     )
     server = f"{protocol}://{user}@{host}:{port}/{path.lstrip('/')}"
 
-    def connect():
-        return open_transport(
-            protocol,
-            host,
-            port,
-            user,
-            password,
-            timeout=timeout,
-            passive=passive,
-            ca_file=ca_file,
-        )
+    connect = functools.partial(
+        open_transport,
+        protocol,
+        host,
+        port,
+        user,
+        password,
+        timeout=timeout,
+        passive=passive,
+        ca_file=ca_file,
+    )
+    reconnect = connect_in(path, connect)
 
     try:
         transport = connect()
@@ -191,25 +158,34 @@ def import_(
             result.status = LOCKED
             return result
         log.info("Creating lock file: %s", READ_LOCK)
-        with _spool_errors():
+        with spool_errors():
             store.write_lock_record(READ_LOCK, _lock_record(server, run_label, token))
         _ACTIVE_LOCKS.add(token)
         locked = True
         transport.store(READ_LOCK.encode(), BytesIO(_lock_text(run_label)))
         log.info("Lock file successfully created: %s", READ_LOCK)
+        with spool_errors():
+            journeys = repair(store)
         listing = transport.list()
-        _finish_journeys(transport, store, journeys, listing, result)
+        finish_journeys(transport, store, journeys, listing, result.add)
         candidates = _importable(listing, result)
         if stable_after is not None and candidates:
             candidates = _stable(transport, candidates, stable_after, stability_interval, result)
         if not candidates:
             log.info("No new files to import.")
-        elif progress:
-            progress(0, len(candidates))
-        for done, remote in enumerate(candidates, start=1):
-            _import_file(transport, store, remote, result)
+        else:
             if progress:
-                progress(done, len(candidates))
+                progress(0, len(candidates))
+            errors = fetch(
+                candidates,
+                transport,
+                reconnect,
+                store,
+                _reporter(result, len(candidates), progress),
+                parallel=parallel,
+            )
+            if errors:
+                raise errors[0]
     except (SpoolError, *SERVER_ERRORS, *CONNECTION_ERRORS) as exc:
         if isinstance(exc, SpoolError):
             log.error("Could not write to the spool: %s", exc)
@@ -219,13 +195,13 @@ def import_(
         if locked:
             # A transfer may have been cut off half-way: the old connection cannot be trusted
             # to answer the next command, so the lock goes on a new one.
-            _remove_lock(None, connect, path, store)
+            _remove_lock(None, reconnect, store)
             log.info("Disconnected from CDS FTP server")
         return _failed(result, exc)
     finally:
         _ACTIVE_LOCKS.discard(token)
 
-    _remove_lock(transport, connect, path, store)
+    _remove_lock(transport, reconnect, store)
     log.info("Disconnected from CDS FTP server")
     failed = [file for file in result.files if file.outcome == "failed"]
     if failed:
@@ -281,7 +257,7 @@ def _lock_in_the_way(transport, store: FileStore, server: str, lease: float, cla
         log.warning("Removing a stale lock file of our own: %s (%s)", READ_LOCK, stale)
         transport.delete(READ_LOCK.encode())
     if record is not None:
-        with _spool_errors():
+        with spool_errors():
             store.remove_lock_record(READ_LOCK)
     return None
 
@@ -309,7 +285,7 @@ def _stale_record(record: dict, lease: float, claimed: bool) -> str | None:
     return None
 
 
-def _remove_lock(transport, connect: Callable, path: str, store: FileStore) -> None:
+def _remove_lock(transport, reconnect: Callable, store: FileStore) -> None:
     """Remove our ``read`` lock; on a new connection when `transport` is None or broken."""
     log.info("Removing lock file: %s", READ_LOCK)
     try:
@@ -320,8 +296,8 @@ def _remove_lock(transport, connect: Callable, path: str, store: FileStore) -> N
         if transport is not None:
             transport.close()
         try:
-            transport = connect()
-            transport.cwd(path)
+            transport = None
+            transport = reconnect()
             # The broken connection may have removed it.
             if READ_LOCK.encode() in {entry.raw for entry in transport.list(with_links=False)}:
                 transport.delete(READ_LOCK.encode())
@@ -402,137 +378,32 @@ def _age(modify: str, now: datetime) -> float:
     return (now - changed).total_seconds()
 
 
-# Moving files
+def connect_in(path: str, connect: Callable) -> Callable:
+    """`connect`, then change to the exchange directory."""
 
-
-def _import_file(transport, store: FileStore, remote: RemoteEntry, result: ImportResult):
-    """Download one file, remove it on the server and move it to ``new/``.
-
-    A failure of this file alone (refused, cut short) leaves it on the server and no file in
-    the spool; a lost connection or a spool that cannot be written ends the run.
-    """
-    name = remote.name
-    log.info("Downloading: %s", name)
-    with _spool_errors():
-        local = store.free_name(name)
-    if local != name:
-        log.warning(
-            "A file named %s is in the spool already; the new one is stored as %s.", name, local
-        )
-    outcome = FileOutcome(name, remote.size, "failed", local_name=local)
-    try:
-        outcome.sha256, outcome.size = _download(transport, store, remote, local)
-    except (*TRANSFER_ERRORS, *CONNECTION_ERRORS, SpoolError) as exc:
-        outcome.reason = _reason(exc)
-        result.add(outcome)
-        if isinstance(exc, SpoolError):
-            log.error("Could not store %s; it stays on the server.", name)
-            raise
-        log.error("Could not download %s (%s); it stays on the server.", name, outcome.reason)
-        if isinstance(exc, CONNECTION_ERRORS):
-            raise  # the control connection cannot be trusted any more
-        return
-    transport.delete(remote.raw)
-    log.info("File removed on server: %s", name)
-    with _spool_errors():
-        _deliver(store, local)
-    outcome.outcome = "delivered"
-    result.add(outcome)
-
-
-def _reason(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
-
-
-class _HashingWriter:
-    """The sink of a download: writes to the partial file, counting and hashing."""
-
-    def __init__(self, handle):
-        self.handle = handle
-        self.digest = hashlib.sha256()
-
-    def write(self, chunk: bytes) -> None:
-        with _spool_errors():
-            self.handle.write(chunk)
-        self.digest.update(chunk)
-
-
-def _open_partial(path: str):
-    return open(path, "xb")
-
-
-def _download(transport, store: FileStore, remote: RemoteEntry, local: str) -> tuple[str, int]:
-    """Fetch `remote` into ``tmp/LOCAL`` with its journal; return its SHA-256 and size."""
-    partial = store.partial_path(local)
-    try:
-        with _spool_errors():
-            handle = _open_partial(partial)
+    def connect_to_path():
+        transport = connect()
         try:
-            writer = _HashingWriter(handle)
-            transport.retrieve(remote.raw, writer)
-            with _spool_errors():
-                handle.flush()
-                os.fsync(handle.fileno())
-                received = handle.tell()
-        finally:
-            with contextlib.suppress(OSError):  # the flush above reported any failure
-                handle.close()
-        expected = remote.size if remote.size is not None else transport.size(remote.raw)
-        if expected is not None and received != expected:
-            raise TransferError(f"received {received} of {expected} bytes")
-        journal = {
-            "remote": remote.name,
-            "raw": remote.raw.hex(),
-            "size": received,
-            "modify": remote.modify,
-        }
-        with _spool_errors():
-            store.complete(local, journal)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
-    return writer.digest.hexdigest(), received
+            transport.cwd(path)
+        except BaseException:
+            transport.close()
+            raise
+        return transport
+
+    return connect_to_path
 
 
-def _deliver(store: FileStore, local: str) -> None:
-    log.info("Moved from 'tmp' to 'new': %s", store.deliver(local))
+def _reporter(result: ImportResult, total: int, progress) -> Callable[[FileOutcome], None]:
+    """What the transfer connections call for each file: one at a time into the result."""
+    lock = threading.Lock()
+    done = 0
 
+    def report(outcome: FileOutcome) -> None:
+        nonlocal done
+        with lock:
+            result.add(outcome)
+            done += 1
+            if progress:
+                progress(done, total)
 
-def _repair_spool(store: FileStore) -> list[tuple[str, dict]]:
-    """Clean up after a run that died: discard partial downloads, deliver complete files
-    without a journal, and return the complete ones whose journey on the server may need
-    finishing, as (local name, journal)."""
-    discarded, complete, journeys = store.leftovers()
-    for name in discarded:
-        log.warning("Discarded a partial download of an earlier run: %s", name)
-    for name in complete:
-        _deliver(store, name)
-    return journeys
-
-
-def _finish_journeys(transport, store, journeys, listing, result) -> None:
-    """Finish deliveries of an earlier run that died before it removed the file on the
-    server; the remote file is removed only when it is still the one we downloaded."""
-    remote_by_raw = {remote.raw: remote for remote in listing}
-    for local, journal in journeys:
-        raw = bytes.fromhex(journal["raw"]) if "raw" in journal else journal["remote"].encode()
-        remote = remote_by_raw.get(raw)
-        if (
-            remote is not None
-            and remote.size == journal["size"]
-            and (remote.modify is None or journal["modify"] in (None, remote.modify))
-        ):
-            transport.delete(raw)
-            log.info("File removed on server: %s", remote.name)
-            listing.remove(remote)
-        with _spool_errors():
-            _deliver(store, local)
-        result.add(
-            FileOutcome(
-                journal["remote"],
-                journal["size"],
-                "delivered",
-                local_name=local,
-                reason="completed the delivery of an earlier run",
-            )
-        )
+    return report

@@ -55,6 +55,13 @@ class CdsSource(models.Model):
         help_text="Seconds any network operation may take.",
     )
     passive = models.BooleanField("passive mode", default=True)
+    parallel = models.PositiveSmallIntegerField(
+        "parallel transfers",
+        default=4,
+        validators=[MinValueValidator(1), MaxValueValidator(16)],
+        help_text="Connections that fetch files at once under the one lock. 1 for servers "
+        "that allow a single login at a time.",
+    )
     stable_after = models.PositiveIntegerField(
         "stability check",
         null=True,

@@ -3,20 +3,26 @@
 A run claims its source with a conditional update, so that one source is imported by one run
 at a time on any number of processes and hosts. The claim names the run, and the run its host
 and process: when that process dies, the next run on the same host takes over at once, any
-other host after the lease, and the dead run is marked interrupted. Every log line and every
-file of a run is stored while it runs, so an interrupted run keeps its audit.
+other host after the lease, and the dead run is marked interrupted.
+
+Every log line and every file of a run is stored while it runs, so that the run page follows it
+and an interrupted run keeps its audit. The import itself goes on in threads of its own; the
+run's thread writes what they report in one transaction about twice a second (RunRecorder),
+which keeps the database from costing more than the transfers.
 """
 
+import contextvars
 import logging
 import os
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import Q
 from django.tasks import TaskResultStatus
 from django.utils import timezone
 from django_tasks_db.models import DBTaskResult
@@ -39,18 +45,27 @@ class RunInterrupted(Exception):
     """The process carrying out a run died before the run ended."""
 
 
-class RunLogHandler(logging.Handler):
-    """Stores the records logged by the thread of one run as log entries of that run."""
+# The run whose log a thread's records belong to; the import's threads inherit it.
+_current_run: contextvars.ContextVar = contextvars.ContextVar("current_run", default=None)
+FLUSH_SECONDS = 0.5
+CLAIM_RENEWAL_SECONDS = 1.0
 
-    def __init__(self, run: ImportRun):
-        super().__init__()
-        self.run = run
-        self.thread = threading.get_ident()
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.thread != self.thread:
-            return  # another run in this process
-        ImportLogEntry.objects.create(
+class RunRecorder:
+    """Collects what a run does from any of its threads; `flush()`, called in the run's own
+    thread, writes it to the database in one transaction: log entries, file records, progress
+    and, once a second, the renewal of the claim."""
+
+    def __init__(self, source: CdsSource, run: ImportRun):
+        self.source, self.run = source, run
+        self.lock = threading.Lock()
+        self.entries: list[ImportLogEntry] = []
+        self.file_records: list[ImportedFile] = []
+        self.done = self.listed = self.files = self.bytes = 0
+        self.claim_renewed = time.monotonic()
+
+    def add_record(self, record: logging.LogRecord) -> None:
+        entry = ImportLogEntry(
             run=self.run,
             time=datetime.fromtimestamp(record.created, tz=UTC),
             level=record.levelname,
@@ -59,6 +74,64 @@ class RunLogHandler(logging.Handler):
             if record.exc_info
             else "",
         )
+        with self.lock:
+            self.entries.append(entry)
+
+    def add_file(self, file: cds.FileOutcome) -> None:
+        record = ImportedFile(
+            run=self.run,
+            name=file.name,
+            size=file.size,
+            sha256=file.sha256,
+            local_name=file.local_name,
+            outcome=file.outcome,
+            reason=file.reason,
+        )
+        with self.lock:
+            self.file_records.append(record)
+            if file.outcome == "delivered":
+                self.files += 1
+                self.bytes += file.size or 0
+
+    def progress(self, done: int, total: int) -> None:
+        with self.lock:
+            self.done, self.listed = done, total
+
+    def flush(self) -> None:
+        with self.lock:
+            entries, self.entries = self.entries, []
+            file_records, self.file_records = self.file_records, []
+            progress = {
+                "files_done": self.done,
+                "files_listed": self.listed,
+                "files": self.files,
+                "bytes": self.bytes,
+            }
+        renew = time.monotonic() - self.claim_renewed >= CLAIM_RENEWAL_SECONDS
+        with transaction.atomic():
+            ImportLogEntry.objects.bulk_create(entries)
+            ImportedFile.objects.bulk_create(file_records)
+            ImportRun.objects.filter(pk=self.run.pk).update(**progress)
+            if renew:
+                CdsSource.objects.filter(pk=self.source.pk, claimed_by=self.run).update(
+                    claimed_until=timezone.now() + lease()
+                )
+        if renew:
+            self.claim_renewed = time.monotonic()
+        for name, value in progress.items():
+            setattr(self.run, name, value)
+
+
+class RunLogHandler(logging.Handler):
+    """Hands the records logged for one run, by any of its threads, to its recorder."""
+
+    def __init__(self, run: ImportRun, recorder: RunRecorder):
+        super().__init__()
+        self.run, self.recorder = run, recorder
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if _current_run.get() is self.run:
+            self.recorder.add_record(record)
 
 
 def lease() -> timedelta:
@@ -161,78 +234,83 @@ def run_import(
     """Import the new files of `source` now, recorded as `run` (a new one by default).
 
     Ends at once as "busy" while another run of the source is in progress anywhere.
+    `progress(done, total)` may be called from the import's threads.
     """
     if run is None:
         run = ImportRun.objects.create(source=source, trigger=trigger, user=user)
     run.host, run.pid = HOST, os.getpid()
     run.save(update_fields=["host", "pid"])
-    handler = RunLogHandler(run)
+    recorder = RunRecorder(source, run)
+    handler = RunLogHandler(run, recorder)
     log.addHandler(handler)
+    token = _current_run.set(run)
     try:
         interrupt_dead_runs()
         if not claim(source, run):
             log.warning("Another import of %s is running; this run ends.", source.name)
+            recorder.flush()
             _finish(run, ImportRun.BUSY)
             return run
         try:
             run.status, run.started = ImportRun.RUNNING, timezone.now()
             run.save(update_fields=["status", "started"])
-            result = _import(source, run, progress)
+            result = _import(source, recorder, progress)
             run.files, run.bytes, run.error = len(result.delivered), result.bytes, result.error
             _finish(run, STATUS_OF_RESULT[result.status])
         finally:
             release(source, run)
     finally:
+        _current_run.reset(token)
         log.removeHandler(handler)
     return run
 
 
-def _import(source: CdsSource, run: ImportRun, progress) -> cds.ImportResult:
+def _import(source: CdsSource, recorder: RunRecorder, progress) -> cds.ImportResult:
+    """Run the import in a thread of its own while this one writes what it reports."""
+    run = recorder.run
+
     def on_progress(done: int, total: int) -> None:
-        ImportRun.objects.filter(pk=run.pk).update(files_done=done, files_listed=total)
-        CdsSource.objects.filter(pk=source.pk, claimed_by=run).update(
-            claimed_until=timezone.now() + lease()
-        )
-        run.files_done, run.files_listed = done, total
+        recorder.progress(done, total)
         if progress:
             progress(done, total)
 
-    def on_file(file: cds.FileOutcome) -> None:
-        ImportedFile.objects.create(
-            run=run,
-            name=file.name,
-            size=file.size,
-            sha256=file.sha256,
-            local_name=file.local_name,
-            outcome=file.outcome,
-            reason=file.reason,
-        )
-        if file.outcome == "delivered":
-            ImportRun.objects.filter(pk=run.pk).update(
-                files=F("files") + 1, bytes=F("bytes") + (file.size or 0)
+    outcome: list[cds.ImportResult] = []
+
+    def target() -> None:
+        try:
+            outcome.append(
+                cds.import_(
+                    source.spool_dir,
+                    source.host,
+                    source.port,
+                    source.user,
+                    source.password,
+                    source.remote_dir,
+                    protocol=source.protocol,
+                    ca_file=source.ca_file or None,
+                    timeout=source.timeout,
+                    passive=source.passive,
+                    parallel=source.parallel,
+                    stable_after=source.stable_after,
+                    claimed=True,
+                    run_label=f"{source.name} #{run.pk}",
+                    progress=on_progress,
+                    on_file=recorder.add_file,
+                )
+            )
+        except Exception as exc:  # a fault of ours must still end the run with its reason
+            log.exception("Exiting with exception:")
+            outcome.append(
+                cds.ImportResult(status=cds.FAILED, error=f"{type(exc).__name__}: {exc}")
             )
 
-    try:
-        return cds.import_(
-            source.spool_dir,
-            source.host,
-            source.port,
-            source.user,
-            source.password,
-            source.remote_dir,
-            protocol=source.protocol,
-            ca_file=source.ca_file or None,
-            timeout=source.timeout,
-            passive=source.passive,
-            stable_after=source.stable_after,
-            claimed=True,
-            run_label=f"{source.name} #{run.pk}",
-            progress=on_progress,
-            on_file=on_file,
-        )
-    except Exception as exc:  # a fault of ours must still end the run with its reason
-        log.exception("Exiting with exception:")
-        return cds.ImportResult(status=cds.FAILED, error=f"{type(exc).__name__}: {exc}")
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(target,))
+    thread.start()
+    while thread.is_alive():
+        thread.join(FLUSH_SECONDS)
+        recorder.flush()
+    recorder.flush()
+    return outcome[0]
 
 
 def _finish(run: ImportRun, status: str) -> None:

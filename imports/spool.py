@@ -3,19 +3,29 @@
 A file is written in ``tmp/`` and moved to ``new/`` only when complete; whoever consumes it
 moves it on to ``cur/``. Moves are renames inside one filesystem, so another process sees a file
 either whole or not at all. Hidden names in ``tmp/`` belong to downloads in progress.
+
+Downloads are made durable in batches: the partial files ``tmp/.NAME.part`` of a batch are
+listed in a journal ``tmp/.batch-ID.journal`` (name, origin, size, SHA-256), and one sync
+makes the files, their names and the journal durable together. Until its file is in ``new/``,
+a journal entry is what lets the next run finish the delivery after a crash.
 """
 
 import contextlib
+import ctypes
 import errno
+import hashlib
 import json
 import os
+import uuid
 
 from datacenter.storage import check_file_name, place_new_file
 
 FOLDERS = ("tmp", "new", "cur")
 PARTIAL_SUFFIX, JOURNAL_SUFFIX = ".part", ".journal"
+JOURNAL_PREFIX = ".batch-"
 Names = list[str]
-Journeys = list[tuple[str, dict]]  # complete downloads in tmp/ with their journal
+Entries = list[dict]
+Journeys = list[tuple[str, dict]]  # (journal path, entry) of complete, durable downloads
 
 
 class FileStore:
@@ -71,62 +81,87 @@ class FileStore:
         place_new_file(self.path_of(source, name), target)
         return target
 
-    # A download in tmp/ is first a hidden partial file; once complete and synced it gets its
-    # name, beside a journal of where it came from, until it is moved on to new/.
-
     def partial_path(self, name: str) -> str:
+        """Where the download of the file to be named `name` is written."""
         return os.path.join(self.folder("tmp"), f".{name}{PARTIAL_SUFFIX}")
 
-    def journal_path(self, name: str) -> str:
-        return os.path.join(self.folder("tmp"), f".{name}{JOURNAL_SUFFIX}")
+    def write_journal(self, entries: Entries) -> str:
+        """Durably record a batch of complete partial files (each entry names its file as
+        ``name`` and its ``sha256``) and return the journal's path. The files, their names and
+        the journal are durable when this returns."""
+        tmp = self.folder("tmp")
+        path = os.path.join(tmp, f"{JOURNAL_PREFIX}{uuid.uuid4().hex}{JOURNAL_SUFFIX}")
+        with open(path, "w") as handle:
+            for entry in entries:
+                handle.write(json.dumps(entry) + "\n")
+        sync_files([path, *(self.partial_path(entry["name"]) for entry in entries)], tmp)
+        return path
 
-    def complete(self, name: str, journal: dict) -> None:
-        """Durably turn the synced partial file of `name` into ``tmp/NAME`` with `journal`."""
-        with open(self.journal_path(name), "w") as handle:
-            json.dump(journal, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.rename(self.partial_path(name), os.path.join(self.folder("tmp"), name))
-        sync_folder(self.folder("tmp"))
+    def deliver_partial(self, name: str) -> str:
+        """Move the durable partial file of `name` to ``new/``, under a free name when `name`
+        is taken there; returns the name in ``new/``. Delivering again what a crash cut off
+        after the move is harmless: the file is recognised in ``new/``."""
+        partial = self.partial_path(name)
+        final = name
+        target = self.path_of("new", name)
+        if os.path.lexists(target):
+            if os.path.samefile(partial, target):  # linked into new/ before a crash
+                os.unlink(partial)
+                return name
+            final = self.free_name(name)
+            target = self.path_of("new", final)
+        place_new_file(partial, target)
+        return final
+
+    def finish_journal(self, path: str) -> None:
+        """Drop a journal whose files are all in ``new/`` (or discarded), once ``new/`` is
+        durable."""
+        sync_folder(self.folder("new"))
+        os.unlink(path)
 
     def deliver(self, name: str) -> str:
-        """Move the complete file `name` from ``tmp/`` to ``new/``, under a free name when
-        `name` is taken there, and drop its journal. Returns the name in ``new/``."""
+        """Move the complete file ``tmp/NAME`` to ``new/``, under a free name when `name` is
+        taken there; returns the name in ``new/``."""
         final = self.free_name(name) if os.path.lexists(self.path_of("new", name)) else name
-        if final != name:
-            os.rename(self.path_of("tmp", name), self.path_of("tmp", final))
-        self.move(final, "tmp", "new")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.journal_path(name))
+        place_new_file(self.path_of("tmp", name), self.path_of("new", final))
         return final
 
     def leftovers(self) -> tuple[Names, Names, Journeys]:
-        """What a run that died left in ``tmp/``, sorted out: the names of the partial
-        downloads (discarded here), of the complete files without a journal (to deliver),
-        and the complete files with their journal (whose removal on the server may be due).
-        """
+        """What runs that died left in ``tmp/``, sorted out: the partial downloads that no
+        journal vouches for (discarded here), the complete files of other writers (named,
+        not hidden: to deliver), and the journal entries whose durable download still waits
+        for its delivery (the file checked against its SHA-256). Journals with nothing left
+        to deliver are dropped."""
         tmp = self.folder("tmp")
-        discarded, complete, journeys = [], [], []
-        for name in sorted(os.listdir(tmp)):
-            path = os.path.join(tmp, name)
-            if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
-                os.unlink(path)
+        names = sorted(os.listdir(tmp))
+        journeys, vouched = [], set()
+        for journal in (os.path.join(tmp, name) for name in names if _is_journal(name)):
+            waiting = [
+                entry
+                for entry in _journal_entries(journal)
+                if os.path.exists(self.partial_path(entry["name"]))
+                and _sha256(self.partial_path(entry["name"])) == entry.get("sha256")
+            ]
+            if not waiting:
+                os.unlink(journal)
+            journeys.extend((journal, entry) for entry in waiting)
+            vouched.update(os.path.basename(self.partial_path(e["name"])) for e in waiting)
+        discarded, complete = [], []
+        for name in names:
+            if name.startswith(".") and name.endswith(PARTIAL_SUFFIX) and name not in vouched:
+                os.unlink(os.path.join(tmp, name))
                 discarded.append(name[1 : -len(PARTIAL_SUFFIX)])
-            elif name.startswith(".") and name.endswith(JOURNAL_SUFFIX):
-                if not os.path.exists(os.path.join(tmp, name[1 : -len(JOURNAL_SUFFIX)])):
-                    os.unlink(path)
             elif not name.startswith("."):
-                try:
-                    with open(self.journal_path(name)) as handle:
-                        journeys.append((name, json.load(handle)))
-                except FileNotFoundError:
-                    complete.append(name)
+                complete.append(name)
         return discarded, complete, journeys
 
-    def free_name(self, name: str) -> str:
-        """`name`, or `name.N` with the smallest N, so that no folder of the spool has it yet."""
+    def free_name(self, name: str, taken: frozenset | set = frozenset()) -> str:
+        """`name`, or `name.N` with the smallest N, so that no folder of the spool has it yet
+        and it is not one of `taken`."""
         candidate, number = name, 1
-        while any(os.path.lexists(os.path.join(self.folder(f), candidate)) for f in FOLDERS):
+        while candidate in taken or any(
+            os.path.lexists(os.path.join(self.folder(f), candidate)) for f in FOLDERS
+        ):
             candidate, number = f"{name}.{number}", number + 1
         return candidate
 
@@ -161,6 +196,55 @@ class FileStore:
     def remove_lock_record(self, lock: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._lock_record_path(lock))
+
+
+def _is_journal(name: str) -> bool:
+    return name.startswith(JOURNAL_PREFIX) and name.endswith(JOURNAL_SUFFIX)
+
+
+def _journal_entries(path: str) -> list[dict]:
+    """The entries of a journal; a line cut short by a crash ends it."""
+    entries = []
+    with open(path) as handle:
+        for line in handle:
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                break
+    return entries
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+try:
+    _syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+except (AttributeError, OSError):  # not Linux
+    _syncfs = None
+
+
+def sync_files(paths: list[str], folder: str) -> None:
+    """Make the data of the files `paths` in `folder` and the folder's entries durable.
+
+    One syncfs(2) of the filesystem makes a whole batch durable at once, where an fsync of
+    each file would cost a disk flush each; elsewhere every file and the folder are synced one
+    by one.
+    """
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _syncfs is not None and _syncfs(descriptor) == 0:
+            return
+        for path in paths:
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def sync_folder(path: str) -> None:

@@ -12,6 +12,7 @@ import ftplib
 import re
 import ssl
 from dataclasses import dataclass
+from io import BytesIO
 from typing import BinaryIO
 
 CHUNK_SIZE = 64 * 1024
@@ -49,7 +50,9 @@ class RemoteEntry:
         return decode_name(self.raw)
 
 
-Listing = list[RemoteEntry]  # a name for the annotations of the transports' list() methods
+# Names for annotations inside the transports, whose list() hides the builtin there.
+Listing = list[RemoteEntry]
+Lines = list[bytes]
 
 
 def _latin1_fallback(error: UnicodeDecodeError) -> tuple[str, int]:
@@ -148,21 +151,11 @@ class FtpTransport:
         """
         if self.mlsd:
             try:
-                with _server_errors():
-                    facts = list(self.ftp.mlsd(facts=["type", "size", "modify"]))
+                entries = [_mlsd_entry(line) for line in self._lines("MLSD") if line]
             except PermanentError:
                 self.mlsd = False
         if not self.mlsd:
             return self._list()
-        entries = [
-            RemoteEntry(
-                name.encode(WIRE),
-                int(fact["size"]) if fact.get("size", "").isdigit() else None,
-                fact.get("modify"),
-                _mlsd_kind(fact.get("type", "")),
-            )
-            for name, fact in facts
-        ]
         if with_links:
             links = {entry.raw for entry in self._list() if entry.kind == "link"}
             for entry in entries:
@@ -171,12 +164,9 @@ class FtpTransport:
         return entries
 
     def _list(self) -> Listing:
-        lines = []
-        with _server_errors():
-            self.ftp.retrlines("LIST", lines.append)
         entries = []
-        for line in lines:
-            match = UNIX_LIST_LINE.match(line.encode(WIRE))
+        for line in self._lines("LIST"):
+            match = UNIX_LIST_LINE.match(line)
             if not match:
                 continue
             kind = {b"-": "file", b"d": "dir", b"l": "link"}.get(match["kind"], "other")
@@ -184,14 +174,29 @@ class FtpTransport:
             entries.append(RemoteEntry(name, int(match["size"]), None, kind))
         return entries
 
+    def _lines(self, command: str) -> Lines:
+        """The lines a listing command sends. The session stays in binary mode (TYPE I is
+        set once), which saves a TYPE command per transfer; lines end in CRLF either way."""
+        sink = BytesIO()
+        self._transfer(command, sink)
+        return sink.getvalue().splitlines()
+
+    def _transfer(self, command: str, sink: BinaryIO) -> None:
+        with _server_errors():
+            with self.ftp.transfercmd(command) as connection:
+                while chunk := connection.recv(CHUNK_SIZE):
+                    sink.write(chunk)
+                if isinstance(connection, ssl.SSLSocket):
+                    connection.unwrap()
+            self.ftp.voidresp()
+
     def size(self, raw: bytes) -> int | None:
         with _server_errors():
             return self.ftp.size(raw.decode(WIRE))
 
     def retrieve(self, raw: bytes, sink: BinaryIO) -> None:
         """Write the file `raw` to `sink`, chunk by chunk."""
-        with _server_errors():
-            self.ftp.retrbinary(f"RETR {raw.decode(WIRE)}", sink.write, blocksize=CHUNK_SIZE)
+        self._transfer(f"RETR {raw.decode(WIRE)}", sink)
 
     def store(self, raw: bytes, source: BinaryIO) -> None:
         with _server_errors():
@@ -211,6 +216,22 @@ class FtpTransport:
             self.ftp.quit()
         except (*SERVER_ERRORS, *CONNECTION_ERRORS):
             self.ftp.close()
+
+
+def _mlsd_entry(line: bytes) -> RemoteEntry:
+    """An entry of an MLSD listing: ``fact=value;fact=value; name``."""
+    facts_text, _, name = line.partition(b" ")
+    facts = {}
+    for fact in facts_text.decode(WIRE).split(";"):
+        key, _, value = fact.partition("=")
+        facts[key.lower()] = value
+    size = facts.get("size", "")
+    return RemoteEntry(
+        name,
+        int(size) if size.isdigit() else None,
+        facts.get("modify"),
+        _mlsd_kind(facts.get("type", "")),
+    )
 
 
 def _mlsd_kind(fact: str) -> str:

@@ -166,13 +166,17 @@ def source(db, ftp_server, spool):
     return make_source(ftp_server, spool)
 
 
-def kill_when_written(process: subprocess.Popen, path, timeout: float = 60) -> None:
-    """SIGKILL `process` as soon as the file `path` has some bytes: in the middle of a write."""
+def written(path) -> bool:
+    return os.path.exists(path) and os.path.getsize(path) > 0
+
+
+def kill_when(process: subprocess.Popen, ready, timeout: float = 60) -> None:
+    """SIGKILL `process` as soon as `ready()` is true: in the middle of its work."""
     try:
         deadline = time.monotonic() + timeout
-        while not (os.path.exists(path) and os.path.getsize(path) > 0):
+        while not ready():
             assert process.poll() is None, "the process ended before the kill"
-            assert time.monotonic() < deadline, f"{path} was not written in time"
+            assert time.monotonic() < deadline, "the process did not get there in time"
             time.sleep(0.02)
     finally:
         process.kill()

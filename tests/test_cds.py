@@ -1,5 +1,6 @@
 """The CDS protocol against a real FTP server (pyftpdlib on 127.0.0.1)."""
 
+import hashlib
 import json
 import logging
 import os
@@ -14,12 +15,12 @@ from pathlib import Path
 import pytest
 from pyftpdlib.handlers import ThrottledDTPHandler
 
-from imports import cds
+from imports import cds, fetch
 from imports.cds import import_
 from imports.spool import FileStore
 from imports.transports import FtpTransport
 
-from .conftest import kill_when_written
+from .conftest import kill_when, written
 from .ftp import FaultyFS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,29 +62,54 @@ def spooled(spool, folder="new") -> dict[str, bytes]:
 # The seed document's scenarios
 
 
+def in_order_per_file(log: list[str], names: list[str]) -> bool:
+    """Whether each file's lines come in the seed's order. Files go over several connections,
+    so the lines of different files interleave."""
+    steps = ["Downloading: {}", "File removed on server: {}", "Moved from 'tmp' to 'new': {}"]
+    for name in names:
+        lines = [step.format(name) for step in steps]
+        if [line for line in log if line in lines] != lines:
+            return False
+    return True
+
+
 def test_seed_import(ftp_server, spool, cds_log):
     ftp_server.put("a.xml", b"<a/>")
     ftp_server.put("b.xml", b"<b/>")
 
     result = import_(**ftp_server.options(spool))
 
-    assert messages(cds_log) == [
-        *opening(ftp_server, spool),
-        *LOCKED_SESSION,
-        "Downloading: a.xml",
-        "File removed on server: a.xml",
-        "Moved from 'tmp' to 'new': a.xml",
-        "Downloading: b.xml",
-        "File removed on server: b.xml",
-        "Moved from 'tmp' to 'new': b.xml",
-        *CLOSING,
-    ]
+    log = messages(cds_log)
+    assert log[:5] == [*opening(ftp_server, spool), *LOCKED_SESSION]
+    assert sorted(log[5:11]) == sorted(
+        f"{step}{name}"
+        for name in ("a.xml", "b.xml")
+        for step in ("Downloading: ", "File removed on server: ", "Moved from 'tmp' to 'new': ")
+    )
+    assert in_order_per_file(log, ["a.xml", "b.xml"])
+    assert log[11:] == CLOSING
     assert spooled(spool) == {"a.xml": b"<a/>", "b.xml": b"<b/>"}
     assert ftp_server.names() == []
     assert result.status == cds.SUCCESS
-    assert [(f.name, f.size) for f in result.delivered] == [("a.xml", 4), ("b.xml", 4)]
+    assert sorted((f.name, f.size) for f in result.delivered) == [("a.xml", 4), ("b.xml", 4)]
     assert result.bytes == 8
     assert sorted(os.listdir(spool)) == ["cur", "new", "tmp"]
+
+
+def test_one_connection_makes_a_batch_durable_before_removing_it(ftp_server, spool, cds_log):
+    ftp_server.put("a.xml", b"<a/>")
+    ftp_server.put("b.xml", b"<b/>")
+
+    import_(**ftp_server.options(spool), parallel=1)
+
+    assert messages(cds_log)[5:11] == [
+        "Downloading: a.xml",
+        "Downloading: b.xml",  # one batch: both are durable before either is removed
+        "File removed on server: a.xml",
+        "Moved from 'tmp' to 'new': a.xml",
+        "File removed on server: b.xml",
+        "Moved from 'tmp' to 'new': b.xml",
+    ]
 
 
 def test_seed_nothing_to_import(ftp_server, spool, cds_log):
@@ -214,21 +240,32 @@ def test_leftovers_of_a_crash_are_repaired(ftp_server, spool, cds_log):
     assert "Moved from 'tmp' to 'new': whole.xml" in log
 
 
+def journal_of(spool, *entries: tuple[str, bytes]) -> Path:
+    """What a run killed after its batch was durable leaves in tmp/: the partial files and
+    the batch's journal."""
+    store = FileStore(spool)
+    store.prepare()
+    lines = []
+    for name, data in entries:
+        Path(store.partial_path(name)).write_bytes(data)
+        entry = {"name": name, "remote": name, "raw": name.encode().hex(), "size": len(data)}
+        entry |= {"modify": None, "sha256": hashlib.sha256(data).hexdigest()}
+        lines.append(json.dumps(entry))
+    journal = Path(spool) / "tmp" / ".batch-test.journal"
+    journal.write_text("\n".join(lines) + "\n")
+    return journal
+
+
 def test_a_delivery_cut_off_before_the_remote_removal_is_finished_once(ftp_server, spool, cds_log):
-    # What a run killed after its download was complete but before it removed the file on
-    # the server leaves behind: the file and its journal in tmp/.
     ftp_server.put("a.xml", b"payload")
     ftp_server.put("b.xml", b"other")
-    FileStore(spool).prepare()
-    tmp = Path(spool) / "tmp"
-    (tmp / "a.xml").write_bytes(b"payload")
-    (tmp / ".a.xml.journal").write_text('{"remote": "a.xml", "size": 7, "modify": null}')
+    journal_of(spool, ("a.xml", b"payload"))
 
     result = import_(**ftp_server.options(spool))
 
     assert spooled(spool) == {"a.xml": b"payload", "b.xml": b"other"}
     assert ftp_server.names() == []
-    assert os.listdir(tmp) == []
+    assert os.listdir(Path(spool) / "tmp") == []
     log = messages(cds_log)
     assert "Downloading: a.xml" not in log
     assert "File removed on server: a.xml" in log
@@ -236,6 +273,43 @@ def test_a_delivery_cut_off_before_the_remote_removal_is_finished_once(ftp_serve
         "completed the delivery of an earlier run",
         "",
     ]
+
+
+def test_a_delivery_cut_off_after_the_remote_removal_is_finished_once(ftp_server, spool):
+    ftp_server.put("b.xml", b"other")  # a.xml was removed on the server before the crash
+    journal_of(spool, ("a.xml", b"payload"))
+
+    result = import_(**ftp_server.options(spool))
+
+    assert spooled(spool) == {"a.xml": b"payload", "b.xml": b"other"}
+    assert ftp_server.names() == []
+    assert len(result.delivered) == 2
+
+
+def test_a_delivery_cut_off_inside_the_move_to_new_is_not_doubled(ftp_server, spool):
+    journal_of(spool, ("a.xml", b"payload"))
+    store = FileStore(spool)
+    os.link(store.partial_path("a.xml"), Path(spool) / "new" / "a.xml")  # linked, not unlinked
+
+    import_(**ftp_server.options(spool))
+
+    assert spooled(spool) == {"a.xml": b"payload"}
+    assert os.listdir(Path(spool) / "tmp") == []
+
+
+def test_a_journal_entry_whose_file_is_not_what_was_journaled_is_discarded(
+    ftp_server, spool, cds_log
+):
+    # A crash before the batch was durable: the journal made it to disk, the data did not.
+    ftp_server.put("a.xml", b"payload")
+    journal_of(spool, ("a.xml", b"payload"))
+    Path(FileStore(spool).partial_path("a.xml")).write_bytes(b"\0" * 7)
+
+    import_(**ftp_server.options(spool))
+
+    assert spooled(spool) == {"a.xml": b"payload"}  # downloaded again, from the server
+    assert "Discarded a partial download of an earlier run: a.xml" in messages(cds_log)
+    assert os.listdir(Path(spool) / "tmp") == []
 
 
 def test_an_importer_killed_mid_file_is_repaired_by_the_next_run(start_ftp_server, spool):
@@ -248,7 +322,7 @@ def test_an_importer_killed_mid_file_is_repaired_by_the_next_run(start_ftp_serve
         f"import_({str(spool)!r}, '127.0.0.1', {server.port}, 'partner', 'secret', 'outbox')"
     )
     importer = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
-    kill_when_written(importer, Path(spool) / "tmp" / ".big.bin.part")
+    kill_when(importer, lambda: written(Path(spool) / "tmp" / ".big.bin.part"))
     assert server.names() == ["big.bin", "read"]  # our lock, left by the killed process
     slow.write_limit = 0
 
@@ -549,17 +623,19 @@ def test_a_full_disk_is_reported_as_such_and_loses_nothing(
     ftp_server.put("a.xml", b"<a/>")
     ftp_server.put("b.xml", b"<b/>")
     # The kernel's own "disk full": every write to /dev/full fails with ENOSPC.
-    monkeypatch.setattr(cds, "_open_partial", lambda path: open("/dev/full", "wb"))  # noqa: SIM115
+    monkeypatch.setattr(fetch, "_open_partial", lambda path: open("/dev/full", "wb"))  # noqa: SIM115
 
     result = import_(**ftp_server.options(spool))
 
     log = messages(cds_log)
     assert "Could not write to the spool: No space left on device" in log
     assert "Error accessing FTP server." not in log
-    assert log[5:] == [
-        "Downloading: a.xml",
+    assert {
         "Could not store a.xml; it stays on the server.",
-        "Could not write to the spool: No space left on device",
+        "Could not store b.xml; it stays on the server.",
+    } & set(log)
+    assert "File removed on server: a.xml" not in log
+    assert log[-4:] == [
         "Removing lock file: read",
         "Lock file successfully removed: read",
         "Disconnected from CDS FTP server",

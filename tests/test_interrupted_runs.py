@@ -12,10 +12,10 @@ from django.tasks import TaskResultStatus
 from django_tasks_db.models import DBTaskResult
 from pyftpdlib.handlers import ThrottledDTPHandler
 
-from imports.models import ImportRun
+from imports.models import ImportedFile, ImportRun
 from imports.runs import enqueue_import, interrupt_dead_runs, run_import
 
-from .conftest import kill_when_written, make_source, process_env
+from .conftest import kill_when, make_source, process_env, written
 from .test_cds import spooled
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +41,15 @@ def slow_source(slow_server, spool):
 
 
 def kill_during_the_large_file(process: subprocess.Popen, spool) -> None:
-    kill_when_written(process, Path(spool) / "tmp" / ".c.bin.part")
+    """Kill `process` inside the large file, once the small ones are delivered and their
+    records written (within half a second of their delivery)."""
+    kill_when(
+        process,
+        lambda: (
+            written(Path(spool) / "tmp" / ".c.bin.part")
+            and ImportedFile.objects.filter(outcome="delivered").count() == 2
+        ),
+    )
 
 
 def test_a_killed_cds_import_is_taken_over_at_once_by_the_next(slow_server, slow_source, spool):
@@ -61,7 +69,7 @@ def test_a_killed_cds_import_is_taken_over_at_once_by_the_next(slow_server, slow
     killed.refresh_from_db()
     assert (killed.status, killed.files, killed.bytes) == ("interrupted", 2, 9)
     assert killed.finished is not None
-    assert list(killed.file_records.values_list("name", "outcome")) == [
+    assert list(killed.file_records.order_by("name").values_list("name", "outcome")) == [
         ("a.xml", "delivered"),
         ("b.xml", "delivered"),
     ]

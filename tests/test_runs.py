@@ -199,6 +199,7 @@ def test_admin_never_shows_the_password_and_keeps_it_when_left_empty(admin_clien
         "enabled": "on",
         "timeout": 5,
         "passive": "on",
+        "parallel": 4,
         "protocol": "ftp",
         "ca_file": "",
         "stable_after": "",

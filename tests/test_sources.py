@@ -26,6 +26,7 @@ def valid(tmp_path) -> dict:
         "enabled": "on",
         "timeout": 30,
         "passive": "on",
+        "parallel": 4,
         "stable_after": "",
     }
 
@@ -48,6 +49,8 @@ def test_a_valid_source_is_saved(admin_client, valid):
         ("port", 0, "greater than or equal to 1"),
         ("port", 65536, "less than or equal to 65535"),
         ("timeout", 0, "greater than or equal to 1"),
+        ("parallel", 0, "greater than or equal to 1"),
+        ("parallel", 17, "less than or equal to 16"),
         ("host", "ftp://ftp.example.org", "Enter a host name"),
         ("host", "ftp.example.org:21", "Enter a host name"),
         ("host", "two words", "Enter a host name"),

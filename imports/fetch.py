@@ -127,12 +127,17 @@ def fetch(
 
 
 class _LocalNames:
-    """Chooses the names in the spool, so that two connections never pick the same one."""
+    """Chooses the names in the spool, so that two connections never pick the same one.
+
+    The spool's names are read once: only this run adds to it while it holds the lock, and a
+    name that appears anyway is caught when the file is moved to ``new/``.
+    """
 
     def __init__(self, store: FileStore):
         self.store = store
         self.lock = threading.Lock()
-        self.taken: set[str] = set()
+        with spool_errors():
+            self.taken = store.names()
 
     def reserve(self, name: str) -> str:
         with self.lock, spool_errors():
@@ -219,21 +224,22 @@ class _Connection:
             return
         with spool_errors():
             journal = self.store.write_journal([download.journal_entry() for download in batch])
+        replies = self.transport.delete_many([download.remote.raw for download in batch])
         for number, download in enumerate(batch):
             name, outcome = download.remote.name, download.outcome
             try:
-                self.transport.delete(download.remote.raw)
-            except SERVER_ERRORS as exc:
-                outcome.reason = f"could not be removed on the server ({exc}); it stays there"
-                log.error("Could not remove %s on the server (%s).", name, exc)
-                _discard(self.store, outcome.local_name)
-                self.report(outcome)
-                continue
+                refused = next(replies)
             except CONNECTION_ERRORS:
                 for waiting in batch[number:]:
                     waiting.outcome.reason = "downloaded; the next run delivers it"
                     self.report(waiting.outcome)
                 raise  # the journal stays: the next run finishes these
+            if refused:
+                outcome.reason = f"could not be removed on the server ({refused}); it stays there"
+                log.error("Could not remove %s on the server (%s).", name, refused)
+                _discard(self.store, outcome.local_name)
+                self.report(outcome)
+                continue
             log.info("File removed on server: %s", name)
             with spool_errors():
                 _deliver(self.store, outcome.local_name)

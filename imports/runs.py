@@ -21,7 +21,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connections, router, transaction
 from django.db.models import Q
 from django.tasks import TaskResultStatus
 from django.utils import timezone
@@ -56,36 +56,37 @@ class RunRecorder:
     thread, writes it to the database in one transaction: log entries, file records, progress
     and, once a second, the renewal of the claim."""
 
+    LOG_COLUMNS = ("run", "time", "level", "message", "traceback")
+    FILE_COLUMNS = ("run", "name", "size", "sha256", "local_name", "outcome", "reason")
+
     def __init__(self, source: CdsSource, run: ImportRun):
         self.source, self.run = source, run
         self.lock = threading.Lock()
-        self.entries: list[ImportLogEntry] = []
-        self.file_records: list[ImportedFile] = []
+        self.entries: list[tuple] = []
+        self.file_records: list[tuple] = []
         self.done = self.listed = self.files = self.bytes = 0
         self.claim_renewed = time.monotonic()
 
     def add_record(self, record: logging.LogRecord) -> None:
-        entry = ImportLogEntry(
-            run=self.run,
-            time=datetime.fromtimestamp(record.created, tz=UTC),
-            level=record.levelname,
-            message=record.getMessage(),
-            traceback="".join(traceback.format_exception(record.exc_info[1]))
-            if record.exc_info
-            else "",
+        entry = (
+            self.run.pk,
+            datetime.fromtimestamp(record.created, tz=UTC),
+            record.levelname,
+            record.getMessage(),
+            "".join(traceback.format_exception(record.exc_info[1])) if record.exc_info else "",
         )
         with self.lock:
             self.entries.append(entry)
 
     def add_file(self, file: cds.FileOutcome) -> None:
-        record = ImportedFile(
-            run=self.run,
-            name=file.name,
-            size=file.size,
-            sha256=file.sha256,
-            local_name=file.local_name,
-            outcome=file.outcome,
-            reason=file.reason,
+        record = (
+            self.run.pk,
+            file.name,
+            file.size,
+            file.sha256,
+            file.local_name,
+            file.outcome,
+            file.reason,
         )
         with self.lock:
             self.file_records.append(record)
@@ -109,8 +110,8 @@ class RunRecorder:
             }
         renew = time.monotonic() - self.claim_renewed >= CLAIM_RENEWAL_SECONDS
         with transaction.atomic():
-            ImportLogEntry.objects.bulk_create(entries)
-            ImportedFile.objects.bulk_create(file_records)
+            insert_rows(ImportLogEntry, self.LOG_COLUMNS, entries)
+            insert_rows(ImportedFile, self.FILE_COLUMNS, file_records)
             ImportRun.objects.filter(pk=self.run.pk).update(**progress)
             if renew:
                 CdsSource.objects.filter(pk=self.source.pk, claimed_by=self.run).update(
@@ -120,6 +121,31 @@ class RunRecorder:
             self.claim_renewed = time.monotonic()
         for name, value in progress.items():
             setattr(self.run, name, value)
+
+
+def insert_rows(model, names: tuple[str, ...], rows: list[tuple]) -> None:
+    """INSERT `rows` of values of the fields `names` of `model`: one statement run for all.
+
+    bulk_create builds a model instance per row, which costs more than the database's own
+    work for the thousands of log lines of a run.
+    """
+    if not rows:
+        return
+    connection = connections[router.db_for_write(model)]
+    fields = [model._meta.get_field(name) for name in names]
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(field.column) for field in fields)
+    placeholders = ", ".join(["%s"] * len(fields))
+    sql = f"INSERT INTO {quote(model._meta.db_table)} ({columns}) VALUES ({placeholders})"
+    params = [
+        [
+            field.get_db_prep_save(value, connection)
+            for field, value in zip(fields, row, strict=True)
+        ]
+        for row in rows
+    ]
+    with connection.cursor() as cursor:
+        cursor.executemany(sql, params)
 
 
 class RunLogHandler(logging.Handler):

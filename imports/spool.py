@@ -31,6 +31,7 @@ Journeys = list[tuple[str, dict]]  # (journal path, entry) of complete, durable 
 class FileStore:
     def __init__(self, path: str):
         self.path = os.path.abspath(str(path))
+        self._real_folders: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"<FileStore {self.path}>"
@@ -48,9 +49,12 @@ class FileStore:
     def real_folder(self, folder: str) -> str:
         """The path of `folder`; FileNotFoundError when it is a link that leads elsewhere, so
         that nothing outside the spool is ever listed, served or written through it."""
+        if folder in self._real_folders:  # checked once in the life of this object
+            return self._real_folders[folder]
         path = self.folder(folder)
         if os.path.realpath(path) != os.path.join(os.path.realpath(self.path), folder):
             raise FileNotFoundError(errno.ENOENT, "Not a folder of the spool", path)
+        self._real_folders[folder] = path
         return path
 
     def list(self, folder: str) -> list[str]:
@@ -155,13 +159,21 @@ class FileStore:
                 complete.append(name)
         return discarded, complete, journeys
 
-    def free_name(self, name: str, taken: frozenset | set = frozenset()) -> str:
-        """`name`, or `name.N` with the smallest N, so that no folder of the spool has it yet
-        and it is not one of `taken`."""
+    def names(self) -> set[str]:
+        """The names in all folders of the spool."""
+        return {name for folder in FOLDERS for name in os.listdir(self.folder(folder))}
+
+    def free_name(self, name: str, taken: set[str] | None = None) -> str:
+        """`name`, or `name.N` with the smallest N, so that no folder of the spool has it yet;
+        with `taken`, the names known to be in the spool (names()) and reserved."""
+
+        def used(candidate: str) -> bool:
+            if taken is not None:
+                return candidate in taken
+            return any(os.path.lexists(os.path.join(self.folder(f), candidate)) for f in FOLDERS)
+
         candidate, number = name, 1
-        while candidate in taken or any(
-            os.path.lexists(os.path.join(self.folder(f), candidate)) for f in FOLDERS
-        ):
+        while used(candidate):
             candidate, number = f"{name}.{number}", number + 1
         return candidate
 

@@ -1,101 +1,250 @@
-"""Speed and memory of pulling files from a CDS FTP server into a spool.
+"""Speed and memory of pulling a CDS directory, side by side with lftp.
 
-Serves a folder with `manage.py cds_devserver` (pyftpdlib, in a process of its own) on
-127.0.0.1 and imports from it with `imports.cds.import_`: prints files/s for many small files and
-MB/s for a few large ones, each with the importer's peak Python memory (tracemalloc) and the
-process's peak resident size.
+Serves the data sets from Debian's vsftpd on 127.0.0.1 (as the tests start it; pyftpdlib in
+a process of its own where vsftpd is missing or this is not root, and then it says so) and
+pulls every file with each tool in turn, each a process of its own, the server's folder
+refilled and the disk settled before each:
 
-    .venv/bin/python bench/cds_pull.py [SMALL_FILES] [LARGE_FILES] [LARGE_MIB]
-    (defaults: 2000 files of 4 KiB, 4 files of 256 MiB; about 2 GiB of disk in /tmp)
+- ours through ``imports.cds.import_`` alone, and through ``manage.py cds_import`` (what cron
+  runs: Django, the database log and the file records included);
+- ``lftp -e "mirror --Remove-source-files --parallel=N"`` with N = 1 and 4;
+- for the large files, the disk's durable-write limit (``dd bs=1M conv=fsync``).
+
+It prints files/s or MB/s, the ratio to lftp --parallel=4 (or to the write limit) and each
+process's peak resident memory.
+
+    .venv/bin/python bench/cds_pull.py [--small N] [--large N] [--large-mib MIB] [--dir DIR]
+    (defaults: 3000 files of 4 KiB, 4 files of 256 MiB; about 2.5 GiB in DIR, a new folder
+    in the system's temporary folder by default)
 """
 
-import logging
+import argparse
 import os
-import re
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import tracemalloc
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from imports.cds import import_  # noqa: E402
-
 MIB = 1024 * 1024
 
 
-def start_server(root: Path) -> tuple[subprocess.Popen, int]:
-    server = subprocess.Popen(
-        [sys.executable, "manage.py", "cds_devserver", "--root", str(root), "--port", "0"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    line = server.stdout.readline()
-    match = re.search(r"ftp://127\.0\.0\.1:(\d+)/", line)
-    if not match:
-        server.kill()
-        raise SystemExit(f"The FTP server did not start: {line!r}")
-    return server, int(match[1])
+class Server:
+    """The FTP server of the data sets: vsftpd where it can run, else pyftpdlib."""
+
+    user, password = "anonymous", "bench"
+
+    def __init__(self, work: Path):
+        if os.path.exists("/usr/sbin/vsftpd") and os.geteuid() == 0:
+            from tests.servers import Vsftpd
+
+            self.vsftpd = Vsftpd(work / "vsftpd", xferlog_enable="NO", log_ftp_protocol="NO")
+            self.name, self.port, self.dir = "vsftpd", self.vsftpd.port, self.vsftpd.dir
+            self.process = None
+            return
+        print("vsftpd cannot run here (not installed, or not root): pyftpdlib serves instead.")
+        self.vsftpd, self.name = None, "pyftpdlib"
+        self.dir = work / "ftp" / "outbox"
+        self.dir.mkdir(parents=True)
+        self.user, self.password = "cds", "cds"
+        self.process = subprocess.Popen(
+            [sys.executable, "manage.py", "cds_devserver", "--root", str(self.dir.parent)]
+            + ["--port", "0"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.port = int(self.process.stdout.readline().split("127.0.0.1:")[1].split("/")[0])
+
+    def stop(self) -> None:
+        if self.vsftpd:
+            self.vsftpd.stop()
+        else:
+            self.process.terminate()
+            self.process.wait()
 
 
-def pull(work: Path, port: int) -> tuple[float, int, int]:
-    """Import everything; return seconds, files and the Python peak in bytes."""
-    spool = work / f"spool-{time.monotonic_ns()}"
-    tracemalloc.start()
+def measure(command: list[str], env: dict | None = None) -> tuple[float, float]:
+    """Run `command`; return its seconds and its peak resident memory in MiB."""
     started = time.perf_counter()
-    result = import_(str(spool), "127.0.0.1", port, "cds", "cds", "outbox", timeout=60)
-    elapsed = time.perf_counter() - started
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    assert result.status == "success", result.error
-    shutil.rmtree(spool)
-    return elapsed, len(result.delivered), peak
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{command[:3]} failed: {process.stderr.read().decode()[-2000:]}")
+    process.stderr.close()
+    return seconds, usage.ru_maxrss / 1024
 
 
-def max_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def settle() -> None:
+    """Write back what the filling left dirty, so that each tool starts alike."""
+    os.sync()
+    time.sleep(1)
+
+
+def fill(server: Server, files: dict[str, int], block: bytes) -> None:
+    for name, size in files.items():
+        with open(server.dir / name, "wb") as handle:
+            for _ in range(size // len(block)):
+                handle.write(block)
+        os.chmod(server.dir / name, 0o644)
+    settle()
+
+
+def tools(server: Server, env: dict) -> dict:
+    """Each tool as a function of the destination folder that returns its command."""
+
+    def import_(dest: Path) -> list[str]:
+        call = (
+            f"import_({str(dest)!r}, '127.0.0.1', {server.port}, {server.user!r}, "
+            f"{server.password!r}, '/outbox', timeout=60)"
+        )
+        return [
+            sys.executable,
+            "-c",
+            f"from imports.cds import import_; assert {call}.status == 'success'",
+        ]
+
+    def cds_import(dest: Path) -> list[str]:
+        update = (
+            "from imports.models import CdsSource; "
+            f"CdsSource.objects.filter(name='bench').update(spool_dir={str(dest)!r})"
+        )
+        manage = [sys.executable, "manage.py"]
+        subprocess.run(
+            [*manage, "shell", "-c", update], cwd=ROOT, env=env, check=True, capture_output=True
+        )
+        return [*manage, "cds_import", "bench"]
+
+    def lftp(parallel: int):
+        def command(dest: Path) -> list[str]:
+            mirror = f"mirror --Remove-source-files --parallel={parallel} /outbox {dest}"
+            return ["lftp", "-u", f"{server.user},{server.password}", "-p", str(server.port)] + [
+                "127.0.0.1",
+                "-e",
+                f"set cmd:fail-exit yes; {mirror}; quit",
+            ]
+
+        return command
+
+    return {
+        "ours: import_": import_,
+        "ours: manage.py cds_import": cds_import,
+        "lftp --parallel=1": lftp(1),
+        "lftp --parallel=4": lftp(4),
+    }
+
+
+def prepare_database(server: Server, work: Path) -> dict:
+    """A database of its own for cds_import, with the source 'bench'."""
+    env = {**os.environ, "DATACENTER_VAR_DIR": str(work / "var")}
+    env.pop("DATABASE_URL", None)
+    manage = [sys.executable, "manage.py"]
+    subprocess.run([*manage, "migrate", "-v0"], cwd=ROOT, env=env, check=True)
+    create = (
+        "from imports.models import CdsSource; CdsSource.objects.create(name='bench', "
+        f"host='127.0.0.1', port={server.port}, user={server.user!r}, "
+        f"password={server.password!r}, remote_dir='/outbox', spool_dir={str(work)!r} + "
+        "'/spool', timeout=60)"
+    )
+    subprocess.run(
+        [*manage, "shell", "-c", create], cwd=ROOT, env=env, check=True, capture_output=True
+    )
+    return env
+
+
+def run_data_set(server, work, env, files: dict[str, int], block: bytes, unit: str):
+    """Pull the data set with every tool; print one line each."""
+    count, total = len(files), sum(files.values())
+    results = {}
+    for label, command in tools(server, env).items():
+        fill(server, files, block)
+        dest = work / f"dest-{len(results)}"
+        seconds, rss = measure(command(dest), env)
+        received = sum(
+            1
+            for path in dest.rglob("*")
+            if path.is_file() and path.relative_to(dest).parts[0] != "tmp"
+        )
+        left = len(os.listdir(server.dir))
+        if received != count or left:
+            raise SystemExit(f"{label}: {received} of {count} files arrived, {left} left.")
+        results[label] = (seconds, rss)
+        shutil.rmtree(dest)
+    reference = results["lftp --parallel=4"][0]
+    for label, (seconds, rss) in results.items():
+        rate = (
+            f"{count / seconds:8.1f} files/s"
+            if unit == "files"
+            else (f"{total / seconds / 1e6:8.1f} MB/s   ")
+        )
+        print(
+            f"  {label:28} {rate} ({seconds:6.2f} s)  {reference / seconds:5.2f}x lftp -P4  "
+            f"peak RSS {rss:5.0f} MiB"
+        )
+    return results
+
+
+def durable_write_limit(work: Path, mib: int) -> float:
+    """MB/s of ``dd bs=1M conv=fsync`` writing `mib` MiB into `work`."""
+    started = time.perf_counter()
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={work / 'dd.bin'}", "bs=1M", f"count={mib}", "conv=fsync"],
+        check=True,
+        capture_output=True,
+    )
+    seconds = time.perf_counter() - started
+    os.unlink(work / "dd.bin")
+    return mib * MIB / seconds / 1e6
 
 
 def main() -> None:
-    small = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
-    large = int(sys.argv[2]) if len(sys.argv) > 2 else 4
-    large_mib = int(sys.argv[3]) if len(sys.argv) > 3 else 256
-    logging.getLogger("imports.cds").setLevel(logging.WARNING)
-    work = Path(tempfile.mkdtemp(prefix="bench-cds-"))
-    outbox = work / "ftp" / "outbox"
-    outbox.mkdir(parents=True)
-    server, port = start_server(work / "ftp")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", type=int, default=3000, help="files of 4 KiB")
+    parser.add_argument("--large", type=int, default=4, help="large files")
+    parser.add_argument("--large-mib", type=int, default=256, help="size of a large file")
+    parser.add_argument("--dir", help="where the server's files and the spools go")
+    args = parser.parse_args()
+    if not shutil.which("lftp"):
+        raise SystemExit("lftp is missing: apt-get install lftp")
+    work = Path(tempfile.mkdtemp(prefix="bench-cds-", dir=args.dir))
+    server = Server(work)
     try:
+        env = prepare_database(server, work)
+        print(f"{time.strftime('%Y-%m-%d')}, {server.name} on 127.0.0.1, files in {work}")
         block = os.urandom(4096)
-        for number in range(small):
-            (outbox / f"story-{number:05d}.xml").write_bytes(block)
-        seconds, files, peak = pull(work, port)
-        print(
-            f"{files} files of 4 KiB: {files / seconds:8.1f} files/s ({seconds:.2f} s), "
-            f"Python peak {peak / MIB:.2f} MiB, process peak RSS {max_rss_mib():.0f} MiB"
+        print(f"{args.small} files of 4 KiB:", flush=True)
+        run_data_set(
+            server,
+            work,
+            env,
+            {f"story-{n:05d}.xml": 4096 for n in range(args.small)},
+            block,
+            "files",
         )
-
-        chunk = os.urandom(MIB)
-        for number in range(large):
-            with open(outbox / f"video-{number}.bin", "wb") as handle:
-                for _ in range(large_mib):
-                    handle.write(chunk)
-        seconds, files, peak = pull(work, port)
-        megabytes = files * large_mib * MIB / 1e6
-        print(
-            f"{files} files of {large_mib} MiB: {megabytes / seconds:8.1f} MB/s "
-            f"({seconds:.2f} s), Python peak {peak / MIB:.2f} MiB, "
-            f"process peak RSS {max_rss_mib():.0f} MiB"
+        print(f"{args.large} files of {args.large_mib} MiB:", flush=True)
+        results = run_data_set(
+            server,
+            work,
+            env,
+            {f"video-{n}.bin": args.large_mib * MIB for n in range(args.large)},
+            os.urandom(MIB),
+            "bytes",
         )
+        limit = durable_write_limit(work, 1024)
+        total = args.large * args.large_mib * MIB / 1e6
+        print(f"  durable-write limit (dd bs=1M count=1024 conv=fsync): {limit:.1f} MB/s")
+        for label in ("ours: import_", "ours: manage.py cds_import"):
+            seconds = results[label][0]
+            print(f"  {label:28} {total / seconds / limit:5.2f}x the durable-write limit")
     finally:
-        server.terminate()
-        server.wait()
+        server.stop()
         shutil.rmtree(work)
 
 

@@ -13,14 +13,17 @@ refilled and the disk settled before each:
 It prints files/s or MB/s, the ratio to lftp --parallel=4 (or to the write limit) and each
 process's peak resident memory.
 
-    .venv/bin/python bench/cds_pull.py [--small N] [--large N] [--large-mib MIB] [--dir DIR]
-    (defaults: 3000 files of 4 KiB, 4 files of 256 MiB; about 2.5 GiB in DIR, a new folder
-    in the system's temporary folder by default)
+    .venv/bin/python bench/cds_pull.py [--small N] [--large N] [--large-mib MIB]
+                                       [--rounds R] [--dir DIR]
+    (defaults: 3000 files of 4 KiB, 4 files of 256 MiB, 3 rounds with the tools in a rotating
+    order and the median reported; about 2.5 GiB in DIR, a new folder in the system's
+    temporary folder by default; 0 files skip a data set)
 """
 
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -159,49 +162,55 @@ def prepare_database(server: Server, work: Path) -> dict:
     return env
 
 
-def run_data_set(server, work, env, files: dict[str, int], block: bytes, unit: str):
-    """Pull the data set with every tool; print one line each."""
-    count, total = len(files), sum(files.values())
-    results = {}
-    for label, command in tools(server, env).items():
-        fill(server, files, block)
-        dest = work / f"dest-{len(results)}"
-        seconds, rss = measure(command(dest), env)
-        received = sum(
-            1
-            for path in dest.rglob("*")
-            if path.is_file() and path.relative_to(dest).parts[0] != "tmp"
-        )
-        left = len(os.listdir(server.dir))
-        if received != count or left:
-            raise SystemExit(f"{label}: {received} of {count} files arrived, {left} left.")
-        results[label] = (seconds, rss)
-        shutil.rmtree(dest)
-    reference = results["lftp --parallel=4"][0]
+def run_data_set(server, work, env, files: dict[str, int], block: bytes, rounds: int):
+    """Pull the data set with every tool, `rounds` times in a rotating order; return each
+    tool's median seconds and highest peak RSS."""
+    count = len(files)
+    commands = tools(server, env)
+    labels = list(commands)
+    seconds, rss = {label: [] for label in labels}, {label: [] for label in labels}
+    for round_ in range(rounds):
+        for label in labels[round_ % len(labels) :] + labels[: round_ % len(labels)]:
+            fill(server, files, block)
+            dest = work / "dest"
+            took, peak = measure(commands[label](dest), env)
+            received = sum(
+                1
+                for path in dest.rglob("*")
+                if path.is_file() and path.relative_to(dest).parts[0] != "tmp"
+            )
+            left = len(os.listdir(server.dir))
+            if received != count or left:
+                raise SystemExit(f"{label}: {received} of {count} files arrived, {left} left.")
+            seconds[label].append(took)
+            rss[label].append(peak)
+            shutil.rmtree(dest)
+    return {label: (statistics.median(seconds[label]), max(rss[label])) for label in labels}
+
+
+def print_results(results: dict, rate, reference: float, against: str) -> None:
     for label, (seconds, rss) in results.items():
-        rate = (
-            f"{count / seconds:8.1f} files/s"
-            if unit == "files"
-            else (f"{total / seconds / 1e6:8.1f} MB/s   ")
-        )
         print(
-            f"  {label:28} {rate} ({seconds:6.2f} s)  {reference / seconds:5.2f}x lftp -P4  "
-            f"peak RSS {rss:5.0f} MiB"
+            f"  {label:28} {rate(seconds)} ({seconds:6.2f} s)  {reference / seconds:5.2f}x "
+            f"{against}  peak RSS {rss:4.0f} MiB"
         )
-    return results
 
 
-def durable_write_limit(work: Path, mib: int) -> float:
-    """MB/s of ``dd bs=1M conv=fsync`` writing `mib` MiB into `work`."""
-    started = time.perf_counter()
-    subprocess.run(
-        ["dd", "if=/dev/zero", f"of={work / 'dd.bin'}", "bs=1M", f"count={mib}", "conv=fsync"],
-        check=True,
-        capture_output=True,
-    )
-    seconds = time.perf_counter() - started
-    os.unlink(work / "dd.bin")
-    return mib * MIB / seconds / 1e6
+def durable_write_limit(work: Path, mib: int, rounds: int) -> float:
+    """Median MB/s of ``dd bs=1M conv=fsync`` writing `mib` MiB into `work`."""
+    rates = []
+    for _ in range(rounds):
+        settle()
+        started = time.perf_counter()
+        subprocess.run(
+            ["dd", "if=/dev/zero", f"of={work / 'dd.bin'}", "bs=1M", f"count={mib}"]
+            + ["conv=fsync"],
+            check=True,
+            capture_output=True,
+        )
+        rates.append(mib * MIB / (time.perf_counter() - started) / 1e6)
+        os.unlink(work / "dd.bin")
+    return statistics.median(rates)
 
 
 def main() -> None:
@@ -210,6 +219,7 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=4, help="large files")
     parser.add_argument("--large-mib", type=int, default=256, help="size of a large file")
     parser.add_argument("--dir", help="where the server's files and the spools go")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each tool (median)")
     args = parser.parse_args()
     if not shutil.which("lftp"):
         raise SystemExit("lftp is missing: apt-get install lftp")
@@ -217,32 +227,39 @@ def main() -> None:
     server = Server(work)
     try:
         env = prepare_database(server, work)
-        print(f"{time.strftime('%Y-%m-%d')}, {server.name} on 127.0.0.1, files in {work}")
-        block = os.urandom(4096)
-        print(f"{args.small} files of 4 KiB:", flush=True)
-        run_data_set(
-            server,
-            work,
-            env,
-            {f"story-{n:05d}.xml": 4096 for n in range(args.small)},
-            block,
-            "files",
+        print(
+            f"{time.strftime('%Y-%m-%d')}, {server.name} on 127.0.0.1, files in {work}, "
+            f"median of {args.rounds} rounds"
         )
-        print(f"{args.large} files of {args.large_mib} MiB:", flush=True)
-        results = run_data_set(
-            server,
-            work,
-            env,
-            {f"video-{n}.bin": args.large_mib * MIB for n in range(args.large)},
-            os.urandom(MIB),
-            "bytes",
-        )
-        limit = durable_write_limit(work, 1024)
-        total = args.large * args.large_mib * MIB / 1e6
-        print(f"  durable-write limit (dd bs=1M count=1024 conv=fsync): {limit:.1f} MB/s")
-        for label in ("ours: import_", "ours: manage.py cds_import"):
-            seconds = results[label][0]
-            print(f"  {label:28} {total / seconds / limit:5.2f}x the durable-write limit")
+        if args.small:
+            print(f"{args.small} files of 4 KiB:", flush=True)
+            files = {f"story-{n:05d}.xml": 4096 for n in range(args.small)}
+            results = run_data_set(server, work, env, files, os.urandom(4096), args.rounds)
+            print_results(
+                results,
+                lambda seconds: f"{args.small / seconds:8.1f} files/s",
+                results["lftp --parallel=4"][0],
+                "lftp -P4",
+            )
+        if args.large:
+            print(f"{args.large} files of {args.large_mib} MiB:", flush=True)
+            files = {f"video-{n}.bin": args.large_mib * MIB for n in range(args.large)}
+            results = run_data_set(server, work, env, files, os.urandom(MIB), args.rounds)
+            total = args.large * args.large_mib * MIB
+            limit = durable_write_limit(work, total // MIB, args.rounds)
+            print_results(
+                results,
+                lambda seconds: f"{total / seconds / 1e6:8.1f} MB/s   ",
+                total / limit / 1e6,
+                "limit   ",
+            )
+            print(
+                f"  durable-write limit (dd bs=1M count={total // MIB} conv=fsync): "
+                f"{limit:.1f} MB/s"
+            )
+            reference = results["lftp --parallel=4"][0]
+            for label in ("ours: import_", "ours: manage.py cds_import"):
+                print(f"  {label:28} {reference / results[label][0]:5.2f}x lftp -P4")
     finally:
         server.stop()
         shutil.rmtree(work)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from io import BytesIO
 from typing import BinaryIO
 
-CHUNK_SIZE = 64 * 1024
+CHUNK_SIZE = 256 * 1024
 PROTOCOLS = ("ftp", "ftps")
 # ftplib speaks str on the control connection; Latin-1 maps every byte to one character and
 # back, so the server's bytes pass through unchanged.
@@ -185,8 +185,10 @@ class FtpTransport:
     def _transfer(self, command: str, sink: BinaryIO) -> None:
         with _server_errors():
             with self.ftp.transfercmd(command) as connection:
-                while chunk := connection.recv(CHUNK_SIZE):
-                    sink.write(chunk)
+                # One buffer for the whole transfer: no new bytes object per chunk.
+                buffer = memoryview(bytearray(CHUNK_SIZE))
+                while received := connection.recv_into(buffer):
+                    sink.write(buffer[:received])
                 if isinstance(connection, ssl.SSLSocket):
                     connection.unwrap()
             self.ftp.voidresp()
@@ -196,7 +198,8 @@ class FtpTransport:
             return self.ftp.size(raw.decode(WIRE))
 
     def retrieve(self, raw: bytes, sink: BinaryIO) -> None:
-        """Write the file `raw` to `sink`, chunk by chunk."""
+        """Write the file `raw` to `sink`, chunk by chunk. Each chunk is a view of a buffer
+        that the next one overwrites: `sink` copies what it keeps."""
         self._transfer(f"RETR {raw.decode(WIRE)}", sink)
 
     def store(self, raw: bytes, source: BinaryIO) -> None:

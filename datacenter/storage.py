@@ -6,6 +6,7 @@ where it belongs: copies are written under a hidden temporary name, checked, and
 place; an original is removed only after its copy is complete.
 """
 
+import contextlib
 import csv
 import errno
 import filecmp
@@ -14,7 +15,8 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 
 from django.dispatch import Signal
@@ -173,6 +175,90 @@ class DataCenterFile:
         return self.modified.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
+class FolderIndex:
+    """The names and modification times of the files of one folder that a listing shows,
+    in both orders, read once per change of the folder.
+
+    Adding, removing or renaming an entry changes the folder's own modification time, so the
+    index of a folder holds as long as that time does; every change the data center makes to
+    a file (appending included) is a rename. An index read within RACY_SECONDS of the
+    folder's last change is not kept: a second change in the same clock tick would leave the
+    folder's time as it was.
+    """
+
+    RACY_SECONDS = 2
+    _cache: dict[tuple[str, str], "FolderIndex"] = {}
+    _CACHE_SIZE = 32
+
+    def __init__(self, folder: str, suffix: str, version: tuple[int, int, int]):
+        self.version = version
+        self.mtimes: dict[str, int] = {}
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if (
+                    entry.name.endswith(suffix)
+                    and not entry.name.startswith(".")
+                    and entry.is_file(follow_symlinks=False)
+                ):
+                    with contextlib.suppress(FileNotFoundError):
+                        self.mtimes[entry.name] = entry.stat(follow_symlinks=False).st_mtime_ns
+
+    @functools.cached_property
+    def by_name(self) -> list[str]:
+        return sorted(self.mtimes)
+
+    @functools.cached_property
+    def by_date(self) -> list[str]:
+        """Newest first; files of the same time by name, descending."""
+        return sorted(self.mtimes, key=lambda name: (self.mtimes[name], name), reverse=True)
+
+    @classmethod
+    def of(cls, folder: str, suffix: str) -> "FolderIndex":
+        stat = os.stat(folder)
+        version = (stat.st_dev, stat.st_ino, stat.st_mtime_ns)
+        key = (folder, suffix)
+        index = cls._cache.get(key)
+        if index is not None and index.version == version:
+            return index
+        index = cls(folder, suffix, version)
+        if time.time_ns() - stat.st_mtime_ns > cls.RACY_SECONDS * 1_000_000_000:
+            cls._cache.pop(key, None)
+            if len(cls._cache) >= cls._CACHE_SIZE:
+                del cls._cache[next(iter(cls._cache))]
+            cls._cache[key] = index
+        return index
+
+
+class FileListing(Sequence):
+    """The files of a folder in a given order, as a sequence that stats and wraps only the
+    items asked for: a page of 25 costs 25 files, not the whole folder."""
+
+    def __init__(self, folder: str, folder_name: str, suffix: str, sort: str):
+        if sort not in ("name", "date"):
+            raise ValueError(f"Unknown sort order: {sort!r}")
+        self.folder, self.folder_name = folder, folder_name
+        index = FolderIndex.of(folder, suffix)
+        self.names = index.by_name if sort == "name" else index.by_date
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, item):
+        if isinstance(item, slice):
+            return [file for name in self.names[item] if (file := self._file(name))]
+        file = self._file(self.names[item])
+        if file is None:
+            raise IndexError(item)
+        return file
+
+    def _file(self, name: str) -> DataCenterFile | None:
+        """The file `name`, or None when it went since the folder was read."""
+        try:
+            return DataCenterFile(os.path.join(self.folder, name), self.folder_name)
+        except FileNotFoundError:
+            return None
+
+
 class DataCenter:
     """A storage folder with the subfolders of SUBFOLDERS."""
 
@@ -226,17 +312,19 @@ class DataCenter:
 
     def pending_files(self, sort: str = "name") -> list[DataCenterFile]:
         """The CSV files in the storage root, by name or newest first."""
-        files = self._files(self.storage, "", ".csv")
-        if sort == "name":
-            return sorted(files, key=lambda file: file.name)
-        if sort == "date":
-            return sorted(files, key=lambda file: (file.modified, file.name), reverse=True)
-        raise ValueError(f"Unknown sort order: {sort!r}")
+        return list(self.pending_listing(sort))
 
     def finished_files(self) -> list[DataCenterFile]:
         """The ``*.finished.csv`` files in ``finished/``, newest first."""
-        files = self._files(self.finished_path, "finished", ".finished.csv")
-        return sorted(files, key=lambda file: (file.modified, file.name), reverse=True)
+        return list(self.finished_listing())
+
+    def pending_listing(self, sort: str = "name") -> "FileListing":
+        """pending_files() as a sequence that reads only the files a page shows."""
+        return FileListing(self.storage, "", ".csv", sort)
+
+    def finished_listing(self) -> "FileListing":
+        """finished_files() as a sequence that reads only the files a page shows."""
+        return FileListing(self.finished_path, "finished", ".finished.csv", "date")
 
     def get_file(self, name: str, folder: str = "") -> DataCenterFile:
         """The regular file `name` in the root or in one subfolder; FileNotFoundError if none."""

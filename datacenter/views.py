@@ -45,7 +45,7 @@ def pending(request):
     sort = request.GET.get("sort")
     if sort not in {"name", "date"}:
         sort = "name"
-    page = paginate(request, current_datacenter().pending_files(sort=sort))
+    page = paginate(request, current_datacenter().pending_listing(sort=sort))
     uploaders = {
         upload.name: upload.uploaded_by
         for upload in Upload.objects.filter(name__in=[file.name for file in page]).select_related(
@@ -142,7 +142,7 @@ def process(request, name):
 
 @datacenter_permission("view_files")
 def finished(request):
-    page = paginate(request, current_datacenter().finished_files())
+    page = paginate(request, current_datacenter().finished_listing())
     return render(request, "datacenter/finished.html", {"page": page})
 
 

@@ -4,6 +4,7 @@ from datetime import datetime
 
 import pytest
 
+from datacenter import storage
 from datacenter.storage import (
     SUBFOLDERS,
     DataCenter,
@@ -396,3 +397,85 @@ def test_home_and_variables_are_expanded(datacenter, tmp_path, monkeypatch):
     datacenter.set_storage_path("~/$STORE_NAME")
 
     assert datacenter.storage == str(tmp_path / "expanded")
+
+
+# Listings that cost a page, not a folder
+
+
+def age(path, seconds_ago: float) -> None:
+    """Set the modification time of `path` to `seconds_ago` before now."""
+    when = datetime.now().timestamp() - seconds_ago
+    os.utime(path, (when, when))
+
+
+def many_pending(datacenter, count: int) -> list[str]:
+    names = [f"file-{number:03d}.csv" for number in range(count)]
+    for number, name in enumerate(names):
+        age(write(os.path.join(datacenter.storage, name), "a\n1\n"), 1000 - number)
+    age(datacenter.storage, 100)  # settled: the folder's index may be kept
+    return names
+
+
+def test_a_listing_wraps_only_the_files_asked_for(datacenter, monkeypatch):
+    names = many_pending(datacenter, 60)
+    wrapped = []
+    original = DataCenterFile.__init__
+
+    def counting(self, path, folder_name=""):
+        wrapped.append(os.path.basename(path))
+        original(self, path, folder_name)
+
+    monkeypatch.setattr(DataCenterFile, "__init__", counting)
+
+    listing = datacenter.pending_listing(sort="date")
+    assert len(listing) == 60
+    assert [file.name for file in listing[25:50]] == names[::-1][25:50]
+    assert wrapped == names[::-1][25:50]
+
+
+def test_a_kept_listing_shows_new_and_removed_files_at_once(datacenter):
+    names = many_pending(datacenter, 30)
+    assert [file.name for file in datacenter.pending_listing()[:3]] == names[:3]
+
+    write(os.path.join(datacenter.storage, "a-new.csv"), "a\n1\n")
+    os.unlink(os.path.join(datacenter.storage, names[0]))
+
+    by_name = datacenter.pending_listing()
+    assert len(by_name) == 30
+    assert [file.name for file in by_name[:2]] == ["a-new.csv", names[1]]
+    assert datacenter.pending_listing(sort="date")[0].name == "a-new.csv"
+
+
+def test_changes_in_the_same_moment_as_the_reading_are_not_missed(datacenter):
+    # The folder changes twice within its clock's resolution: its time may stay the same,
+    # so an index read in between must not be kept.
+    write(os.path.join(datacenter.storage, "first.csv"), "a\n1\n")
+    settled = os.stat(datacenter.storage).st_mtime_ns
+    assert [file.name for file in datacenter.pending_listing()] == ["first.csv"]
+    write(os.path.join(datacenter.storage, "second.csv"), "a\n1\n")
+    os.utime(datacenter.storage, ns=(settled, settled))
+
+    assert [file.name for file in datacenter.pending_listing()] == ["first.csv", "second.csv"]
+
+
+def test_a_file_that_goes_after_the_reading_is_left_out_of_the_page(datacenter):
+    names = many_pending(datacenter, 5)
+    listing = datacenter.pending_listing()
+    os.unlink(os.path.join(datacenter.storage, names[1]))
+
+    assert [file.name for file in listing[:5]] == [names[0], *names[2:]]
+
+
+def test_the_finished_listing_follows_appends_newest_first(datacenter):
+    finished = datacenter.finished_path
+    for number, name in enumerate(["a.create.finished.csv", "b.create.finished.csv"]):
+        age(write(os.path.join(finished, name), "a\n1\n"), 500 - number)
+    age(finished, 100)
+    assert [f.name for f in datacenter.finished_listing()] == [
+        "b.create.finished.csv",
+        "a.create.finished.csv",
+    ]
+    source = write(os.path.join(datacenter.storage, "more.csv"), "a\n2\n")
+    storage._append_csv(source, os.path.join(finished, "a.create.finished.csv"))
+
+    assert datacenter.finished_listing()[0].name == "a.create.finished.csv"

@@ -73,3 +73,17 @@ def relocate_storage(*, path: str, move: bool, overwrite: bool, user) -> dict[st
         f"not moved: {', '.join(sorted(not_moved)) or 'none'}",
     )
     return not_moved
+
+
+class WorkerHeartbeat(models.Model):
+    """When a task worker (``manage.py task_worker``) last said that it is alive."""
+
+    host = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    seen = models.DateTimeField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["host", "pid"], name="one_row_per_worker")]
+
+    def __str__(self):
+        return f"{self.host}:{self.pid}"

@@ -3,12 +3,14 @@ from functools import wraps
 
 from django.conf import settings
 from django.contrib import messages
-from django.contrib.auth.decorators import permission_required
+from django.contrib.auth.decorators import login_not_required, permission_required
 from django.core.paginator import Paginator
-from django.http import FileResponse, Http404
+from django.http import FileResponse, Http404, JsonResponse
 from django.shortcuts import redirect, render
-from django.views.decorators.http import require_http_methods
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_http_methods, require_safe
 
+from . import health
 from .forms import LogSearchForm, ProcessForm, RelocateForm, UploadForm
 from .models import Upload, current_datacenter, relocate_storage
 from .processing import ProcessingError, mode_of_pending_file, process_file, processors
@@ -200,3 +202,13 @@ def storage(request):
             return render(request, "datacenter/relocated.html", context)
     context = {"datacenter": datacenter, "free_space": datacenter.free_space(), "form": form}
     return render(request, "datacenter/storage.html", context)
+
+
+@login_not_required
+@never_cache
+@require_safe
+def healthz(request):
+    """For load balancers and monitoring, without login: 503 when the database or the
+    storage fails; the report says how the task worker is."""
+    status, report = health.check()
+    return JsonResponse(report, status=status)

@@ -47,6 +47,17 @@ DEBUG = env_bool("DJANGO_DEBUG", False)
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", "")
 
+# Behind TLS (a proxy that terminates it and sets X-Forwarded-Proto): cookies only over
+# https, HSTS, and plain http redirected, except the health check of load balancers.
+if env_bool("DJANGO_HTTPS", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = True
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
+    SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env_int("DJANGO_HSTS_SECONDS", 365 * 24 * 3600)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_HSTS_INCLUDE_SUBDOMAINS", True)
+    SECURE_HSTS_PRELOAD = env_bool("DJANGO_HSTS_PRELOAD", True)
+
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",
@@ -152,6 +163,10 @@ DATACENTER_PROCESSORS = ["datacenter.processing.UserProcessor"]
 # a run's claim on its source expires after this many seconds without progress.
 TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend"}}
 CDS_CLAIM_LEASE = env_int("CDS_CLAIM_LEASE", 600)
+# "manage.py task_worker" records that it is alive this often; /healthz calls a worker
+# stale when none did for DATACENTER_WORKER_STALE seconds.
+WORKER_HEARTBEAT_SECONDS = 15
+DATACENTER_WORKER_STALE = env_int("DATACENTER_WORKER_STALE", 120)
 
 LOGGING = {
     "version": 1,

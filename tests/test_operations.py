@@ -1,0 +1,135 @@
+"""Running the site in production: the health check, the task worker's heartbeat and the
+settings behind TLS."""
+
+import json
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from django.urls import reverse
+from django.utils import timezone
+
+from datacenter import health
+from datacenter.models import WorkerHeartbeat
+
+from .conftest import process_env
+
+ROOT = Path(__file__).resolve().parent.parent
+PRODUCTION = {
+    "DJANGO_DEBUG": "false",
+    "DJANGO_HTTPS": "true",
+    "DJANGO_ALLOWED_HOSTS": "testserver",
+}
+
+pytestmark = pytest.mark.django_db
+
+
+def manage(*args: str, **env) -> subprocess.CompletedProcess:
+    environment = process_env(**env)
+    environment.pop("DJANGO_ALLOW_ASYNC_UNSAFE")  # the tests' own, which a deployment lacks
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_the_health_check_needs_no_login_and_reports_each_part(client):
+    health.beat()
+
+    response = client.get(reverse("healthz"))
+
+    assert response.status_code == 200
+    report = response.json()
+    assert (report["status"], report["database"], report["storage"]) == ("ok", "ok", "ok")
+    assert report["worker"]["status"] == "ok"
+    assert report["worker"]["age_seconds"] < 60
+    assert response["Cache-Control"].startswith("max-age=0")
+
+
+def test_a_worker_not_heard_from_degrades_the_check_without_failing_it(client, settings):
+    assert client.get(reverse("healthz")).json()["worker"]["status"] == "never seen"
+
+    WorkerHeartbeat.objects.create(
+        host="elsewhere",
+        pid=1,
+        seen=timezone.now() - timedelta(seconds=settings.DATACENTER_WORKER_STALE + 1),
+    )
+    response = client.get(reverse("healthz"))
+
+    assert response.status_code == 200
+    assert (response.json()["status"], response.json()["worker"]["status"]) == (
+        "degraded",
+        "stale",
+    )
+
+
+def test_a_storage_that_cannot_be_written_fails_the_check(client, settings, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    settings.DATACENTER_STORAGE_ROOT = str(blocker / "storage")
+
+    response = client.get(reverse("healthz"))
+
+    assert response.status_code == 503
+    assert (response.json()["status"], response.json()["storage"]) == ("failing", "not writable")
+    assert str(tmp_path) not in response.content.decode()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_task_worker_records_its_heartbeat():
+    worker = subprocess.Popen(
+        [sys.executable, "manage.py", "task_worker", "--no-reload", "--interval", "0.1"],
+        cwd=ROOT,
+        env=process_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not WorkerHeartbeat.objects.filter(pid=worker.pid).exists():
+            assert worker.poll() is None, "the worker ended"
+            assert time.monotonic() < deadline, "no heartbeat"
+            time.sleep(0.05)
+    finally:
+        worker.terminate()
+        worker.wait()
+    assert timezone.now() - WorkerHeartbeat.objects.get(pid=worker.pid).seen < timedelta(
+        seconds=30
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_deploy_check_is_clean_behind_tls_and_not_before():
+    behind_tls = manage("check", "--deploy", "--fail-level", "WARNING", **PRODUCTION)
+    assert behind_tls.returncode == 0, behind_tls.stderr
+    assert "no issues" in behind_tls.stdout
+
+    plain = manage("check", "--deploy", "--fail-level", "WARNING", DJANGO_DEBUG="false")
+    assert plain.returncode != 0
+    for warning in ("W004", "W008", "W012", "W016"):
+        assert warning in plain.stderr
+
+
+@pytest.mark.django_db(transaction=True)
+def test_behind_tls_plain_http_is_redirected_except_the_health_check():
+    script = (
+        "import json; from django.test import Client; c = Client(); "
+        "r = [c.get('/datacenter/'), c.get('/healthz'), "
+        "c.get('/datacenter/', HTTP_X_FORWARDED_PROTO='https')]; "
+        "print(json.dumps([(x.status_code, x.get('Location'), "
+        "x.get('Strict-Transport-Security')) for x in r]))"
+    )
+    result = manage("shell", "-c", script, **PRODUCTION)
+    assert result.returncode == 0, result.stderr
+    plain, healthz, proxied = json.loads(result.stdout.strip().splitlines()[-1])
+
+    assert plain[:2] == [301, "https://testserver/datacenter/"]
+    assert healthz[0] in (200, 503)
+    assert proxied[0] == 302 and proxied[1].startswith("/accounts/login/")
+    assert proxied[2] == "max-age=31536000; includeSubDomains; preload"

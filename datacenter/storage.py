@@ -175,6 +175,16 @@ class DataCenterFile:
         return self.modified.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _listed(entry: os.DirEntry, suffix: str) -> bool:
+    """Whether a listing shows `entry`: a regular file (no link) ending in `suffix`, not
+    hidden."""
+    return (
+        entry.name.endswith(suffix)
+        and not entry.name.startswith(".")
+        and entry.is_file(follow_symlinks=False)
+    )
+
+
 class FolderIndex:
     """The names and modification times of the files of one folder that a listing shows,
     in both orders, read once per change of the folder.
@@ -195,11 +205,7 @@ class FolderIndex:
         self.mtimes: dict[str, int] = {}
         with os.scandir(folder) as entries:
             for entry in entries:
-                if (
-                    entry.name.endswith(suffix)
-                    and not entry.name.startswith(".")
-                    and entry.is_file(follow_symlinks=False)
-                ):
+                if _listed(entry, suffix):
                     with contextlib.suppress(FileNotFoundError):
                         self.mtimes[entry.name] = entry.stat(follow_symlinks=False).st_mtime_ns
 
@@ -302,11 +308,7 @@ class DataCenter:
         result = []
         with os.scandir(folder) as entries:
             for entry in entries:
-                if (
-                    entry.name.endswith(pattern)
-                    and not entry.name.startswith(".")
-                    and entry.is_file(follow_symlinks=False)
-                ):
+                if _listed(entry, pattern):
                     result.append(DataCenterFile(entry.path, folder_name))
         return result
 

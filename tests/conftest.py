@@ -1,5 +1,6 @@
 import os
 import subprocess
+import sys
 import time
 
 import pytest
@@ -170,14 +171,33 @@ def written(path) -> bool:
     return os.path.exists(path) and os.path.getsize(path) > 0
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def start_manage(*args: str, **env) -> subprocess.Popen:
+    """Start ``manage.py ARGS`` on the test database, its output discarded."""
+    return subprocess.Popen(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env=process_env(**env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def wait_for(condition, process: subprocess.Popen | None = None, timeout: float = 60) -> None:
+    """Wait until `condition()` is true, failing when `process` ends first or time is up."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process is None or process.poll() is None, "the process ended"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
 def kill_when(process: subprocess.Popen, ready, timeout: float = 60) -> None:
     """SIGKILL `process` as soon as `ready()` is true: in the middle of its work."""
     try:
-        deadline = time.monotonic() + timeout
-        while not ready():
-            assert process.poll() is None, "the process ended before the kill"
-            assert time.monotonic() < deadline, "the process did not get there in time"
-            time.sleep(0.02)
+        wait_for(ready, process, timeout)
     finally:
         process.kill()
         process.wait()

@@ -6,7 +6,6 @@ import itertools
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,10 +16,9 @@ from pyftpdlib.handlers import ThrottledDTPHandler
 from imports.models import ImportRun
 from imports.runs import enqueue_import
 
-from .conftest import make_source, process_env, written
+from .conftest import make_source, start_manage, wait_for, written
 from .test_cds import spooled
 
-ROOT = Path(__file__).resolve().parent.parent
 # Far longer than the test: the source can only be free again because the dead worker's
 # claim is taken over at once on this host.
 LEASE = 3600
@@ -28,15 +26,8 @@ LEASE = 3600
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 
-def manage(*args: str, **options) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "manage.py", *args],
-        cwd=ROOT,
-        env=process_env(CDS_CLAIM_LEASE=str(LEASE)),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        **options,
-    )
+def manage(*args: str) -> subprocess.Popen:
+    return start_manage(*args, CDS_CLAIM_LEASE=str(LEASE))
 
 
 class Partner(threading.Thread):
@@ -67,13 +58,6 @@ class CronLoop(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             self.exit_codes.append(manage("cds_import", "partner").wait())
-
-
-def wait_for(condition, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def test_workers_and_cron_at_one_source_deliver_every_file_once(start_ftp_server, spool, settings):

@@ -15,7 +15,7 @@ from pyftpdlib.handlers import ThrottledDTPHandler
 from imports.models import ImportedFile, ImportRun
 from imports.runs import enqueue_import, interrupt_dead_runs, run_import
 
-from .conftest import kill_when, make_source, process_env, written
+from .conftest import kill_when, make_source, process_env, start_manage, written
 from .test_cds import spooled
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,13 +87,7 @@ def test_a_killed_worker_leaves_no_run_or_task_running(slow_server, slow_source,
     run = enqueue_import(slow_source, trigger="page")
     run.refresh_from_db()
     assert run.task_id
-    worker = subprocess.Popen(
-        [sys.executable, "manage.py", "db_worker", "--no-reload", "--interval", "0.1"],
-        cwd=ROOT,
-        env=process_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    worker = start_manage("db_worker", "--no-reload", "--interval", "0.1")
     kill_during_the_large_file(worker, spool)
     task = DBTaskResult.objects.get(id=run.task_id)
     assert task.status == TaskResultStatus.RUNNING

@@ -4,7 +4,6 @@ settings behind TLS."""
 import json
 import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from django.utils import timezone
 from datacenter import health
 from datacenter.models import WorkerHeartbeat
 
-from .conftest import process_env
+from .conftest import process_env, start_manage, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCTION = {
@@ -83,19 +82,9 @@ def test_a_storage_that_cannot_be_written_fails_the_check(client, settings, tmp_
 
 @pytest.mark.django_db(transaction=True)
 def test_the_task_worker_records_its_heartbeat():
-    worker = subprocess.Popen(
-        [sys.executable, "manage.py", "task_worker", "--no-reload", "--interval", "0.1"],
-        cwd=ROOT,
-        env=process_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    worker = start_manage("task_worker", "--no-reload", "--interval", "0.1")
     try:
-        deadline = time.monotonic() + 30
-        while not WorkerHeartbeat.objects.filter(pid=worker.pid).exists():
-            assert worker.poll() is None, "the worker ended"
-            assert time.monotonic() < deadline, "no heartbeat"
-            time.sleep(0.05)
+        wait_for(lambda: WorkerHeartbeat.objects.filter(pid=worker.pid).exists(), worker, 30)
     finally:
         worker.terminate()
         worker.wait()

@@ -424,7 +424,8 @@ class DataCenter:
     # Relocating the storage
 
     def check_new_storage_path(self, path: str) -> str:
-        """Validate and create the folder `path` for relocation; return it, real and absolute."""
+        """Validate and create the folder `path` for relocation; return it, real and absolute.
+        The current storage passes as it is."""
         expanded = os.path.expandvars(os.path.expanduser(str(path).strip()))
         if not expanded:
             raise StorageError("Please give the path of the new storage folder.")
@@ -437,7 +438,7 @@ class DataCenter:
         new = os.path.realpath(expanded)
         current = os.path.realpath(self.storage)
         if new == current:
-            raise StorageError(f"{new} is already the current storage folder.")
+            return new
         if new.startswith(current + os.sep):
             raise StorageError(
                 f"{new} lies inside the current storage folder {current}; "
@@ -465,6 +466,10 @@ class DataCenter:
         """
         new = self.check_new_storage_path(path)
         old = self.storage
+        if new == os.path.realpath(old):
+            # The seed's way to re-create a storage whose folders were removed.
+            self._create_subfolders()
+            return {}
         not_moved: dict[str, str] = {}
         if move:
             _move_tree(old, new, overwrite, not_moved)

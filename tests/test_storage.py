@@ -1,4 +1,5 @@
 import os
+import shutil
 import tempfile
 from datetime import datetime
 
@@ -370,10 +371,26 @@ def test_relative_path_is_refused(datacenter, tmp_path, monkeypatch):
     assert not (tmp_path / "relative").exists()
 
 
-def test_current_storage_and_folders_inside_it_are_refused(datacenter):
+def test_setting_the_current_path_again_recreates_removed_folders(datacenter):
+    # The seed document's step: the storage was removed, setting its path brings it back.
+    moved = []
+    storage_moved.connect(
+        lambda **kwargs: moved.append(kwargs), weak=False, dispatch_uid="test-recreate"
+    )
+    try:
+        shutil.rmtree(datacenter.storage)
+        assert datacenter.set_storage_path(datacenter.storage) == []
+        shutil.rmtree(datacenter.finished_path)
+        write(os.path.join(datacenter.storage, "data.csv"), "a\n")
+        assert datacenter.set_storage_path(datacenter.storage + "/", move=True) == []
+    finally:
+        storage_moved.disconnect(dispatch_uid="test-recreate")
+    assert sorted(os.listdir(datacenter.storage)) == ["data.csv", *SUBFOLDERS]
+    assert moved == []
+
+
+def test_folders_inside_the_current_storage_are_refused(datacenter):
     write(os.path.join(datacenter.storage, "data.csv"), "a\n")
-    refused(datacenter, datacenter.storage, "already the current storage")
-    refused(datacenter, datacenter.storage + "/", "already the current storage")
     refused(datacenter, os.path.join(datacenter.storage, "inner"), "inside the current storage")
     assert not os.path.exists(os.path.join(datacenter.storage, "inner"))
 

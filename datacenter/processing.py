@@ -7,6 +7,7 @@ its own savepoint and written, with its error, to the new pending file, while th
 are kept. Only after the transaction committed are the result files distributed.
 """
 
+import copy
 import csv
 import fcntl
 import os
@@ -75,6 +76,14 @@ class Processor:
     #: Columns a create row must have besides the key.
     required_for_create: tuple[str, ...] = ()
     batch_size = 1000
+    #: Who processes the file (None: a program, no person); see for_user().
+    user = None
+
+    def for_user(self, user) -> "Processor":
+        """This processor acting for `user`, whose rights some rows depend on."""
+        acting = copy.copy(self)
+        acting.user = user
+        return acting
 
     def permission(self, mode: str) -> str | None:
         """The permission a user needs to apply rows in `mode`, besides processing files."""
@@ -168,6 +177,7 @@ def process_file(
         processor = get_processor(processor)
     if mode not in MODES:
         raise ProcessingError(f"Unknown mode {mode!r}: choose one of {', '.join(MODES)}.")
+    processor = processor.for_user(user)
     permission = processor.permission(mode)
     if user is not None and permission and not user.has_perm(permission):
         raise ProcessingError(
@@ -350,8 +360,9 @@ class ModelProcessor(Processor):
     def prepare(self, instance: models.Model, row: dict[str, str], mode: str) -> None:
         """Hook for subclasses: complete `instance` before it is validated."""
 
-    def check_remove(self, instance: models.Model) -> None:
-        """Hook for subclasses: raise RowError for a record that may not be removed."""
+    def check_existing(self, instance: models.Model, mode: str) -> None:
+        """Hook for subclasses: raise RowError for a record that the row may not update or
+        remove."""
 
     def apply_batch(self, rows: list[dict[str, str]], mode: str) -> dict[int, str]:
         existing = self.model._default_manager.in_bulk(
@@ -389,8 +400,9 @@ class ModelProcessor(Processor):
             raise RowError(f"{self.key} {key!r} exists already.")
         if mode != "create" and instance is None:
             raise RowError(f"There is no record with {self.key} {key!r}.")
+        if instance is not None:
+            self.check_existing(instance, mode)
         if mode == "remove":
-            self.check_remove(instance)
             return instance, [], {}
         if instance is None:
             instance = self.model(**{self.key: key})
@@ -529,7 +541,7 @@ class UserProcessor(ModelProcessor):
     """User accounts of django.contrib.auth, by username.
 
     New accounts get an unusable password unless the file gives a hashed one; clear-text
-    passwords are refused. Superusers are never removed by a file.
+    passwords are refused. Only a superuser's file changes or removes a superuser account.
     """
 
     name = "users"
@@ -556,6 +568,11 @@ class UserProcessor(ModelProcessor):
             # What set_unusable_password() stores, without its slow random choice per character.
             instance.password = UNUSABLE_PASSWORD_PREFIX + secrets.token_hex(20)
 
-    def check_remove(self, instance):
-        if instance.is_superuser:
-            raise RowError("Superuser accounts are not removed by batch processing.")
+    def check_existing(self, instance, mode):
+        # A clerk who may change users must not take over or lock out an administrator.
+        if instance.is_superuser and not (self.user is not None and self.user.is_superuser):
+            action = "removed" if mode == "remove" else "changed"
+            raise RowError(
+                f"{instance.get_username()} is a superuser account: it is {action} by a file "
+                "only when a superuser processes it."
+            )

@@ -161,7 +161,7 @@ def test_update_refuses_missing_accounts_and_bad_values(datacenter, ann):
     assert User.objects.get(username="ann").is_active
 
 
-def test_remove_deletes_accounts_but_never_superusers(datacenter, ann):
+def test_remove_deletes_accounts_but_a_superuser_only_for_a_superuser(datacenter, ann):
     User.objects.create_superuser("root", password="x")
     pending(datacenter, "r.csv", "username\nann\nroot\nghost\n")
 
@@ -169,10 +169,57 @@ def test_remove_deletes_accounts_but_never_superusers(datacenter, ann):
 
     assert result.succeeded == 1
     assert [message for _, message in result.errors] == [
-        "Superuser accounts are not removed by batch processing.",
+        "root is a superuser account: it is removed by a file only when a superuser processes it.",
         "There is no record with username 'ghost'.",
     ]
     assert list(User.objects.values_list("username", flat=True)) == ["root"]
+
+
+@pytest.fixture
+def user_clerk(db):
+    """Staff who may process files and change users, but is no superuser."""
+    clerk = User.objects.create_user("userclerk", password="x", is_staff=True)
+    clerk.user_permissions.set(
+        Permission.objects.filter(
+            codename__in=["process_files", "change_user", "add_user", "delete_user"]
+        )
+    )
+    return User.objects.get(pk=clerk.pk)
+
+
+def test_a_clerk_cannot_take_over_or_lock_out_a_superuser(datacenter, user_clerk, ann):
+    boss = User.objects.create_superuser("boss", password="old secret")
+    takeover = make_password("clerk's choice")
+    pending(
+        datacenter,
+        "u.csv",
+        f"username,password,is_active\nboss,{takeover},1\nann,{takeover},0\n",
+    )
+    pending(datacenter, "lock.csv", "username,is_active\nboss,0\n")
+
+    taken = process_file(datacenter, "u.csv", "users", "update", user=user_clerk)
+    locked = process_file(datacenter, "lock.csv", "users", "update", user=user_clerk)
+
+    assert (taken.succeeded, taken.failed, locked.failed) == (1, 1, 1)
+    assert (
+        "boss is a superuser account: it is changed by a file only when a superuser"
+        in (taken.errors[0][1])
+    )
+    boss.refresh_from_db()
+    assert boss.check_password("old secret") and boss.is_active
+    assert User.objects.get(username="ann").password == takeover
+
+
+def test_a_superuser_may_change_a_superuser_by_file(datacenter):
+    boss = User.objects.create_superuser("boss", password="old secret")
+    other = User.objects.create_superuser("other", password="x")
+    pending(datacenter, "u.csv", "username,is_active\nother,0\n")
+
+    result = process_file(datacenter, "u.csv", "users", "update", user=boss)
+
+    assert (result.succeeded, result.failed) == (1, 0)
+    other.refresh_from_db()
+    assert not other.is_active
 
 
 def test_a_key_twice_in_a_file_and_rows_of_the_wrong_width_fail(datacenter):

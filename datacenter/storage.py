@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 
+import re2
 from django.dispatch import Signal
 
 SUBFOLDERS = ("deleted", "finished", "graduated", "logs", "unfinished")
@@ -185,6 +186,31 @@ def _listed(entry: os.DirEntry, suffix: str) -> bool:
     )
 
 
+MAX_SEARCH_LENGTH = 500
+_SEARCH_OPTIONS = re2.Options()
+_SEARCH_OPTIONS.log_errors = False
+
+
+def compile_search(query: str):
+    """`query` compiled by RE2, which matches in time linear in the text whatever the
+    expression, so that no search can hang a web process; ValueError in words for an
+    expression that is too long or that RE2 does not support."""
+    if not isinstance(query, str):
+        raise ValueError("Invalid search expression: it must be text.")
+    if len(query) > MAX_SEARCH_LENGTH:
+        raise ValueError(
+            f"The search expression is too long: at most {MAX_SEARCH_LENGTH} characters."
+        )
+    try:
+        return re2.compile(query, _SEARCH_OPTIONS)
+    except re2.error as exc:
+        reason = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else exc
+        raise ValueError(
+            f"Invalid search expression: {reason}. Back-references and look-around "
+            "((?=...), (?!...), (?<=...)) are not supported."
+        ) from None
+
+
 class FolderIndex:
     """The names and modification times of the files of one folder that a listing shows,
     in both orders, read once per change of the folder.
@@ -246,6 +272,13 @@ class FileListing(Sequence):
         index = FolderIndex.of(folder, suffix)
         self.names = index.by_name if sort == "name" else index.by_date
 
+    @classmethod
+    def empty(cls, folder_name: str) -> "FileListing":
+        """A listing of nothing, for a folder that cannot be shown."""
+        listing = cls.__new__(cls)
+        listing.folder, listing.folder_name, listing.names = "", folder_name, []
+        return listing
+
     def __len__(self) -> int:
         return len(self.names)
 
@@ -302,6 +335,20 @@ class DataCenter:
     def free_space(self) -> int:
         return shutil.disk_usage(self.storage).free
 
+    def real_folder(self, folder: str = "") -> str:
+        """The real path of the storage root ('') or of one of its subfolders.
+
+        Raises FileNotFoundError when the subfolder is a symbolic link (or lies under one):
+        nothing is ever read through a link out of the storage.
+        """
+        root = os.path.realpath(self.storage)
+        if not folder:
+            return root
+        real = os.path.realpath(os.path.join(self.storage, folder))
+        if folder not in SUBFOLDERS or real != os.path.join(root, folder):
+            raise FileNotFoundError(errno.ENOENT, "No such folder", folder)
+        return real
+
     # Listing and reading files
 
     def _files(self, folder: str, folder_name: str, pattern: str) -> list[DataCenterFile]:
@@ -322,18 +369,20 @@ class DataCenter:
 
     def pending_listing(self, sort: str = "name") -> "FileListing":
         """pending_files() as a sequence that reads only the files a page shows."""
-        return FileListing(self.storage, "", ".csv", sort)
+        return FileListing(self.real_folder(), "", ".csv", sort)
 
     def finished_listing(self) -> "FileListing":
         """finished_files() as a sequence that reads only the files a page shows."""
-        return FileListing(self.finished_path, "finished", ".finished.csv", "date")
+        try:
+            folder = self.real_folder("finished")
+        except FileNotFoundError:
+            return FileListing.empty("finished")
+        return FileListing(folder, "finished", ".finished.csv", "date")
 
     def get_file(self, name: str, folder: str = "") -> DataCenterFile:
         """The regular file `name` in the root or in one subfolder; FileNotFoundError if none."""
         check_file_name(name)
-        if folder and folder not in SUBFOLDERS:
-            raise FileNotFoundError(errno.ENOENT, "No such folder", folder)
-        path = os.path.join(self.storage, folder, name)
+        path = os.path.join(self.real_folder(folder), name)
         if os.path.islink(path) or not os.path.isfile(path):
             raise FileNotFoundError(errno.ENOENT, "No such file", name)
         return DataCenterFile(path, folder)
@@ -371,7 +420,10 @@ class DataCenter:
 
     def log_files(self) -> list[DataCenterFile]:
         """The log files in ``logs/`` by name, without rotated backups."""
-        files = self._files(self.logs_path, "logs", "")
+        try:
+            files = self._files(self.real_folder("logs"), "logs", "")
+        except FileNotFoundError:
+            return []
         return sorted(
             (file for file in files if not LOG_BACKUP_NAME.match(file.name)),
             key=lambda file: file.name,
@@ -380,10 +432,11 @@ class DataCenter:
     def _log_and_backups(self, basename: str) -> list[str]:
         """`basename` and its rotated backups, oldest (highest number) first."""
         backups = []
-        for name in os.listdir(self.logs_path):
-            match = LOG_BACKUP_NAME.match(name)
-            if match and match["base"] == basename:
-                backups.append((int(match["number"]), name))
+        with os.scandir(self.real_folder("logs")) as entries:
+            for entry in entries:
+                match = LOG_BACKUP_NAME.match(entry.name)
+                if match and match["base"] == basename:
+                    backups.append((int(match["number"]), entry.name))
         return [name for _, name in sorted(backups, reverse=True)] + [basename]
 
     def query_log(
@@ -394,22 +447,20 @@ class DataCenter:
 
         Raises ValueError at once for an invalid expression or log name.
         """
-        try:
-            pattern = re.compile(query)
-        except (re.error, TypeError) as exc:
-            raise ValueError(f"Invalid search expression: {exc}") from exc
+        pattern = compile_search(query)
         try:
             check_file_name(basename)
+            folder = self.real_folder("logs")
         except FileNotFoundError:
             raise ValueError(f"Invalid log file name: {basename!r}") from None
-        return self._matching_lines(self._log_and_backups(basename), pattern, limit, start)
+        return self._matching_lines(folder, self._log_and_backups(basename), pattern, limit, start)
 
-    def _matching_lines(self, names, pattern, limit, start) -> Iterator[str]:
+    def _matching_lines(self, folder, names, pattern, limit, start) -> Iterator[str]:
         found = 0
         for name in names:
-            path = os.path.join(self.logs_path, name)
-            if not os.path.isfile(path):
-                continue
+            path = os.path.join(folder, name)
+            if os.path.islink(path) or not os.path.isfile(path):
+                continue  # a link could lead anywhere: backups are the site's own files
             with open(path, encoding="utf-8", errors="replace") as handle:
                 for line in handle:
                     if not pattern.search(line):

@@ -93,6 +93,12 @@ def clerk_client(client, clerk):
     return client
 
 
+@pytest.fixture
+def viewer_client(client, viewer):
+    client.force_login(viewer)
+    return client
+
+
 def write(path, text: str | bytes) -> str:
     data = text.encode() if isinstance(text, str) else text
     with open(path, "wb") as handle:

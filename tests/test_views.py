@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
@@ -243,3 +244,83 @@ def test_relocation_refusals_are_shown_on_the_form(clerk_client, files):
     assert "must be absolute" in response.context["form"].errors["path"][0]
     assert tree(files.storage) == before
     assert not StorageLocation.objects.exists()
+
+
+# Searching safely, and never through a link out of the storage
+
+
+def test_a_catastrophic_expression_is_answered_at_once(viewer_client, files):
+    # With a backtracking engine this search takes about 2**40 steps.
+    files.log_action("viewer", "note", "a" * 40 + "!")
+    url = reverse("datacenter:log", kwargs={"name": "datacenter.log"})
+
+    response = viewer_client.get(url, {"q": "(a+)+$"})
+
+    assert response.status_code == 200
+    assert response.context["lines"] == []
+    assert response.context["form"].errors == {}
+
+
+def test_expressions_that_re2_does_not_support_or_too_long_are_explained(viewer_client, files):
+    url = reverse("datacenter:log", kwargs={"name": "datacenter.log"})
+
+    backreference = viewer_client.get(url, {"q": r"(a)\1"})
+    lookahead = viewer_client.get(url, {"q": "a(?=b)"})
+    too_long = viewer_client.get(url, {"q": "a" * 501})
+
+    assert "Back-references and look-around" in backreference.context["form"].errors["q"][0]
+    assert "not supported" in lookahead.context["form"].errors["q"][0]
+    assert "at most 500 characters" in too_long.context["form"].errors["q"][0]
+
+
+@pytest.fixture
+def secret(tmp_path):
+    """A file outside the storage that no page may show."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    write(outside / "passwd", "root:x:0:0:secret\n")
+    write(outside / "leak.finished.csv", "username\nsecret\n")
+    write(outside / "datacenter.log", "secret line\n")
+    return outside
+
+
+def test_a_backup_that_is_a_link_is_never_searched(viewer_client, files, secret):
+    files.log_action("viewer", "note", "visible")
+    os.symlink(secret / "passwd", os.path.join(files.logs_path, "datacenter.log.1"))
+    url = reverse("datacenter:log", kwargs={"name": "datacenter.log"})
+
+    lines = viewer_client.get(url, {"q": "."}).context["lines"]
+
+    assert lines[-1].endswith("note: visible")
+    assert not [line for line in lines if "secret" in line]
+
+
+def test_pending_files_that_are_links_are_neither_listed_nor_served(viewer_client, files, secret):
+    os.symlink(secret / "passwd", os.path.join(files.storage, "passwd.csv"))
+
+    listed = [f.name for f in viewer_client.get(reverse("datacenter:pending")).context["page"]]
+    for view in ("preview", "download"):
+        url = reverse(f"datacenter:{view}", kwargs={"name": "passwd.csv"})
+        assert viewer_client.get(url).status_code == 404
+    assert "passwd.csv" not in listed
+
+
+def test_subfolders_that_are_links_out_of_the_storage_show_nothing(viewer_client, files, secret):
+    for folder in ("finished", "logs"):
+        shutil.rmtree(os.path.join(files.storage, folder))
+        os.symlink(secret, os.path.join(files.storage, folder))
+
+    finished = viewer_client.get(reverse("datacenter:finished"))
+    download = viewer_client.get(
+        reverse("datacenter:download_finished", kwargs={"name": "leak.finished.csv"})
+    )
+    logs = viewer_client.get(reverse("datacenter:logs"))
+    search = viewer_client.get(
+        reverse("datacenter:log", kwargs={"name": "datacenter.log"}), {"q": "."}
+    )
+
+    assert list(finished.context["page"]) == []
+    assert download.status_code == 404
+    assert b"datacenter.log" not in logs.content.replace(b"datacenter.log.", b"")
+    assert search.status_code == 404
+    assert b"secret" not in finished.content + logs.content + search.content

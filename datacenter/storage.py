@@ -22,6 +22,9 @@ from datetime import UTC, datetime
 import re2
 from django.dispatch import Signal
 
+# A cell may be as large as a file (Python's csv module stops at 128 KiB by default).
+csv.field_size_limit(2**31 - 1)
+
 SUBFOLDERS = ("deleted", "finished", "graduated", "logs", "unfinished")
 ACTION_LOG = "datacenter.log"
 # A rotated log backup such as "datacenter.log.3".

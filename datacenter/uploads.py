@@ -6,11 +6,14 @@ listed as pending and nothing that exists is ever overwritten.
 """
 
 import codecs
+import contextlib
 import csv
+import errno
 import os
 import re
 import tempfile
 import unicodedata
+from dataclasses import dataclass
 
 from django.conf import settings
 
@@ -20,6 +23,7 @@ MAX_NAME_LENGTH = 100
 CHUNK_SIZE = 64 * 1024
 UTF8_BOM = codecs.BOM_UTF8
 UNSAFE_CHARACTERS = re.compile(r"[^A-Za-z0-9_.-]+")
+NO_HEADER = "The file has no header row: its first line must name the columns."
 
 
 class UploadError(ValueError):
@@ -49,39 +53,82 @@ def safe_filename(filename: str) -> str:
 def save_upload(
     datacenter: DataCenter, fileobj, filename: str, *, user=None, max_size: int | None = None
 ) -> DataCenterFile:
-    """Store the CSV file `fileobj` (binary) under a safe form of `filename` in the root.
+    """Store the CSV file `fileobj` (binary) under a safe form of `filename` in the root, in
+    the one canonical form: UTF-8 without BOM, comma-separated.
 
-    Raises UploadError, leaving no file behind, when the name is taken in the root,
-    ``finished/`` or ``unfinished/``, the file is larger than `max_size` bytes, is not UTF-8,
-    or is not a well-formed CSV file with a proper header. Records who uploaded it.
+    Files as spreadsheet programs save them are converted (see `read_spreadsheet_csv`); the
+    returned file's ``conversion`` says how ("" when stored as it came). Raises UploadError,
+    leaving no file behind, when the name is taken in the root, ``finished/`` or
+    ``unfinished/``, the file is larger than `max_size` bytes, is no well-formed CSV file with
+    a proper header, or cannot be written (a full disk). Records who uploaded it.
     """
     if max_size is None:
         max_size = settings.DATACENTER_MAX_UPLOAD_SIZE
     name = safe_filename(filename)
     _check_name_is_free(datacenter, name)
-
-    handle, temp_path = tempfile.mkstemp(dir=datacenter.storage, prefix=".upload-", suffix=".part")
+    temp_paths = []
     try:
-        with os.fdopen(handle, "wb") as temp_file:
-            _copy_utf8(fileobj, temp_file, max_size)
-        _check_csv(temp_path)
-        os.chmod(temp_path, 0o644)
-        fsync_file(temp_path)
+        with _storage_errors():
+            raw_path = _temp_file(datacenter, temp_paths)
+            raw = open(raw_path, "wb")  # noqa: SIM115 (closed below, its errors are ours)
+        try:
+            _copy(fileobj, raw, max_size)
+        finally:
+            with _storage_errors():
+                raw.close()
+        form = read_spreadsheet_csv(raw_path)
+        with _storage_errors():
+            if form.conversion:
+                stored = _temp_file(datacenter, temp_paths)
+                form.write_canonical(raw_path, stored)
+            else:
+                stored = raw_path
+            os.chmod(stored, 0o644)
+            fsync_file(stored)
         _check_name_is_free(datacenter, name)
         try:
-            place_new_file(temp_path, os.path.join(datacenter.storage, name))
+            place_new_file(stored, os.path.join(datacenter.storage, name))
         except FileExistsError:
             raise UploadError(_name_taken(name, "the pending files")) from None
     finally:
-        if os.path.exists(temp_path):
-            os.unlink(temp_path)
+        for path in temp_paths:
+            if os.path.exists(path):
+                os.unlink(path)
 
     if user is not None:
         from .models import Upload
 
         Upload.objects.update_or_create(name=name, defaults={"uploaded_by": user})
-    datacenter.log_action(user, "upload", name)
-    return datacenter.get_file(name)
+    detail = f"{name} ({form.conversion})" if form.conversion else name
+    datacenter.log_action(user, "upload", detail)
+    file = datacenter.get_file(name)
+    file.conversion = form.conversion
+    return file
+
+
+def _temp_file(datacenter: DataCenter, temp_paths: list[str]) -> str:
+    handle, path = tempfile.mkstemp(dir=datacenter.storage, prefix=".upload-", suffix=".part")
+    os.close(handle)
+    temp_paths.append(path)
+    return path
+
+
+@contextlib.contextmanager
+def _storage_errors():
+    """A failure to write the storage as an UploadError in words."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason = "the storage is full"
+        elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            reason = "the storage folder may not be written"
+        else:
+            reason = "the storage could not be written"
+        raise UploadError(
+            f"The file could not be stored: {reason} ({exc.strerror}). Nothing was stored; "
+            "please tell the administrators."
+        ) from None
 
 
 def _name_taken(name: str, where: str) -> str:
@@ -109,12 +156,10 @@ def _chunks(fileobj):
         yield chunk
 
 
-def _copy_utf8(fileobj, target, max_size: int) -> None:
-    """Copy `fileobj` to `target` without a leading BOM, checking its size and its UTF-8."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
+def _copy(fileobj, target, max_size: int) -> None:
+    """Copy the upload to `target`; an error of reading it stays what it is, an error of
+    writing becomes an UploadError."""
     size = 0
-    line = 1
-    first = True
     for chunk in _chunks(fileobj):
         size += len(chunk)
         if size > max_size:
@@ -122,43 +167,111 @@ def _copy_utf8(fileobj, target, max_size: int) -> None:
                 f"The file is larger than the limit of {human_size(max_size)}. "
                 "Split it into smaller files."
             )
-        if first:
-            chunk = chunk.removeprefix(UTF8_BOM)
-            first = False
-        try:
-            text = decoder.decode(chunk)
-        except UnicodeDecodeError:
-            raise UploadError(_not_utf8(line + _newlines_before_error(chunk))) from None
-        line += text.count("\n")
-        target.write(chunk)
-    try:
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        raise UploadError(_not_utf8(line)) from None
+        with _storage_errors():
+            target.write(chunk)
     if size == 0:
         raise UploadError("The file is empty.")
 
 
-def _newlines_before_error(chunk: bytes) -> int:
-    # The decoder raises for the whole chunk: count the lines before the bad byte.
-    try:
-        chunk.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return chunk[: exc.start].count(b"\n")
-    return 0
+# Reading CSV files as spreadsheet programs save them
+
+SEPARATORS = {",": "comma", ";": "semicolon", "\t": "tab"}
 
 
-def _not_utf8(line: int) -> str:
-    return (
-        f"The file is not UTF-8 text (line {line} has a character in another encoding). "
-        "Save it as 'CSV UTF-8' and upload it again."
-    )
+def _cp1252_or_latin1(error: UnicodeDecodeError) -> tuple[str, int]:
+    # Windows-1252 leaves five bytes undefined; Latin-1 gives them their code points.
+    return error.object[error.start : error.end].decode("latin-1"), error.end
 
 
-def _check_csv(path: str) -> None:
-    with open(path, encoding="utf-8", newline="") as handle:
-        reader = csv.reader(handle, strict=True)
+codecs.register_error("datacenter-latin-1", _cp1252_or_latin1)
+
+
+@dataclass
+class SpreadsheetCsv:
+    """How a CSV file is written: its encoding, separator and the columns to keep."""
+
+    encoding: str
+    separator: str
+    #: Indexes of the columns kept: those with a name in the header or a value in a row.
+    columns: list[int]
+    width: int
+    had_bom: bool
+
+    @property
+    def conversion(self) -> str:
+        """What storing it canonically changes, in words; "" for nothing."""
+        changes = []
+        if self.encoding == "cp1252":
+            changes.append("converted from Windows-1252")
+        elif self.encoding == "utf-16":
+            changes.append("converted from UTF-16")
+        elif self.had_bom:
+            changes.append("byte order mark removed")
+        if self.separator != ",":
+            changes.append(f"{SEPARATORS[self.separator]}-separated")
+        dropped = self.width - len(self.columns)
+        if dropped:
+            changes.append(f"{dropped} empty column{'s' if dropped > 1 else ''} dropped")
+        return ", ".join(changes)
+
+    def open(self, path: str):
+        errors = "datacenter-latin-1" if self.encoding == "cp1252" else "strict"
+        return open(path, encoding=self.encoding, errors=errors, newline="")
+
+    def write_canonical(self, source: str, target: str) -> None:
+        """Write `source` to `target` as UTF-8 without BOM, comma-separated."""
+        with self.open(source) as handle, open(target, "w", encoding="utf-8", newline="") as out:
+            writer = csv.writer(out, lineterminator="\n")
+            for row in csv.reader(handle, delimiter=self.separator, strict=True):
+                writer.writerow([row[index] for index in self.columns if index < len(row)])
+
+
+def read_spreadsheet_csv(path: str) -> SpreadsheetCsv:
+    """How the CSV file `path` is written, checked: UTF-8 (BOM or not), UTF-16 with a BOM, or
+    else Windows-1252; a comma, semicolon or tab, whichever gives every line the same number
+    of fields (a comma when that is ambiguous). Raises UploadError for a file that is no
+    well-formed CSV with a proper header."""
+    with open(path, "rb") as handle:
+        start = handle.read(4)
+    if start.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = "utf-16"
+    elif start.startswith(UTF8_BOM):
+        encoding = "utf-8-sig"
+    else:
+        encoding = "utf-8" if _is_utf8(path) else "cp1252"
+    comma = None
+    for separator in SEPARATORS:
+        form = _fields(path, encoding, separator)
+        if separator == ",":
+            comma = form
+        if not isinstance(form, UploadError) and form.width > 1:
+            break
+    else:
+        form = comma  # one column, or no separator fits: the comma's verdict stands
+    if isinstance(form, UploadError):
+        raise form
+    return form
+
+
+def _is_utf8(path: str) -> bool:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as handle:
+        try:
+            while chunk := handle.read(CHUNK_SIZE):
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return False
+    return True
+
+
+def _fields(path: str, encoding: str, separator: str) -> "SpreadsheetCsv | UploadError":
+    """The file read with `separator`, or the UploadError that says why it does not fit."""
+    form = SpreadsheetCsv(encoding, separator, [], 0, encoding == "utf-8-sig")
+    with form.open(path) as handle:
+        reader = csv.reader(handle, delimiter=separator, strict=True)
         header = None
+        used: set[int] = set()
         line = 1  # where the record being read starts
         while True:
             try:
@@ -167,29 +280,41 @@ def _check_csv(path: str) -> None:
                 break
             except csv.Error as exc:
                 problem = str(exc).replace("unexpected end of data", "a quote is never closed")
-                raise UploadError(
+                return UploadError(
                     f"The file is not a well-formed CSV file: line {line}: {problem}."
-                ) from None
+                )
+            except UnicodeDecodeError:
+                return UploadError("The file's text cannot be read: it is not valid UTF-16.")
             if header is None:
-                header = _check_header(row)
+                header = row
+                if not any(value.strip() for value in row):
+                    return UploadError(NO_HEADER)
             elif row and len(row) != len(header):
-                raise UploadError(
+                return UploadError(
                     f"Line {line} has {len(row)} fields, but the header has {len(header)} columns."
                 )
+            used.update(index for index, value in enumerate(row) if value.strip())
             line = reader.line_num + 1
-        if header is None:
-            _check_header(None)
+    form.width = len(header or [])
+    form.columns = sorted(index for index in used if index < form.width)
+    try:
+        _check_header(header, form.columns)
+    except UploadError as exc:
+        return exc
+    return form
 
 
-def _check_header(header: list[str] | None) -> list[str]:
+def _check_header(header: list[str] | None, columns: list[int]) -> None:
+    """Refuse a header row without names, with a kept column without one, or with a name
+    twice."""
     if not header or not any(column.strip() for column in header):
-        raise UploadError("The file has no header row: its first line must name the columns.")
-    names = [column.strip() for column in header]
-    if "" in names:
-        raise UploadError(f"Column {names.index('') + 1} of the header row has no name.")
+        raise UploadError(NO_HEADER)
+    for index in columns:
+        if not header[index].strip():
+            raise UploadError(f"Column {index + 1} of the header row has no name.")
+    names = [header[index].strip() for index in columns]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise UploadError(
             f"The header row names these columns more than once: {', '.join(duplicates)}."
         )
-    return header

@@ -69,8 +69,11 @@ def upload(request):
         except UploadError as exc:
             form.add_error("file", str(exc))
         else:
+            converted = f" ({stored.conversion})" if stored.conversion else ""
             messages.success(
-                request, f"Uploaded {stored.name}: {stored.rows} data rows, {stored.get_size()}."
+                request,
+                f"Uploaded {stored.name}{converted}: {stored.rows} data rows, "
+                f"{stored.get_size()}.",
             )
             return redirect("datacenter:pending")
     return render(request, "datacenter/upload.html", {"form": form})

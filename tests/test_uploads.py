@@ -1,9 +1,12 @@
+import codecs
 import io
 import os
+import subprocess
 
 import pytest
 
 from datacenter.models import Upload
+from datacenter.storage import DataCenter
 from datacenter.uploads import UploadError, safe_filename, save_upload
 
 from .conftest import tree, write
@@ -96,9 +99,101 @@ def test_an_empty_file_is_refused(datacenter):
     refused(datacenter, b"", message="The file is empty")
 
 
-def test_text_in_another_encoding_is_refused_with_its_line(datacenter):
-    refused(datacenter, "id,name\n1,Ann\n2,Jürgen\n".encode("latin-1"), message="line 3")
-    refused(datacenter, b"id\n1\n\xe2\x82", message="not UTF-8")
+# Files as spreadsheet programs save them
+
+
+def stored_text(file) -> str:
+    with open(file.path, encoding="utf-8") as handle:
+        return handle.read()
+
+
+def test_a_windows_1252_semicolon_file_with_quoted_semicolons_is_converted(datacenter):
+    data = 'Name;Vorname;Ort\n"Müller; Söhne";Jürgen;Köln\nLeclerc;Zoë;"Aix; Provence"\n'
+
+    stored = upload(datacenter, data.encode("cp1252"))
+
+    assert stored.conversion == "converted from Windows-1252, semicolon-separated"
+    assert stored_text(stored) == (
+        "Name,Vorname,Ort\nMüller; Söhne,Jürgen,Köln\nLeclerc,Zoë,Aix; Provence\n"
+    )
+    [line] = datacenter.query_log("datacenter.log", "upload")
+    assert "people.csv (converted from Windows-1252, semicolon-separated)" in line
+
+
+def test_the_five_bytes_windows_1252_leaves_undefined_are_read_as_latin_1(datacenter):
+    stored = upload(datacenter, b"id,name\n1,\x81\x8d\x80\n")
+
+    assert stored_text(stored) == "id,name\n1,\x81\x8d€\n"
+
+
+def test_excel_unicode_text_utf16_with_tabs_is_converted(datacenter):
+    data = "id\tname\tcity\r\n1\tAnn, Jr.\t東京\r\n"
+
+    stored = upload(datacenter, codecs.BOM_UTF16_LE + data.encode("utf-16-le"))
+
+    assert stored.conversion == "converted from UTF-16, tab-separated"
+    assert stored_text(stored) == 'id,name,city\n1,"Ann, Jr.",東京\n'
+
+
+def test_empty_trailing_columns_are_dropped(datacenter):
+    stored = upload(datacenter, b"a,b,,\n1,2,,\n3,4,,\n")
+
+    assert stored.conversion == "2 empty columns dropped"
+    assert stored_text(stored) == "a,b\n1,2\n3,4\n"
+
+
+def test_a_cell_of_300_kib_is_stored(datacenter):
+    cell = "x" * (300 * 1024)
+
+    stored = upload(datacenter, f'id,text\n1,"{cell}"\n'.encode())
+
+    assert stored.conversion == ""
+    assert stored.rows == 1
+    assert stored_text(stored).endswith(cell + '"\n')
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"id,note\n1,a;b\n2,c;d\n",  # semicolons in the cells of a comma file
+        b"name\nAnn\nBob\n",  # one column
+        b'id,note\n1,"x;y;z"\n',
+        b"id,note\r\n1,tab\there\r\n",
+    ],
+)
+def test_comma_files_stay_exactly_as_they_are(datacenter, data):
+    stored = upload(datacenter, data)
+
+    assert stored.conversion == ""
+    with open(stored.path, "rb") as handle:
+        assert handle.read() == data
+
+
+def test_the_csv_spectrum_cases_are_read_as_comma_files(datacenter):
+    cases = {
+        "comma_in_quotes": (
+            'first,last,address,city,zip\nJohn,Doe,120 any st.,"Anytown, WW",08123\n'
+        ),
+        "escaped_quotes": 'a,b\n1,"ha ""ha"" ha"\n3,4\n',
+        "newlines": 'a,b,c\n1,2,3\n"Once upon \na time",5,6\n7,8,9\n',
+        "quotes_and_newlines": 'a,b\n1,"ha \n""ha"" \nha"\n3,4\n',
+        "simple_crlf": "a,b,c\r\n1,2,3\r\n",
+        "utf8": "a,b,c\n1,2,3\n4,5,ʤ\n",
+        "empty": 'a,b,c\n1,"",""\n2,3,4\n',
+    }
+    for number, (name, text) in enumerate(cases.items()):
+        stored = upload(datacenter, text.encode(), f"{name}.csv")
+        assert (name, stored.conversion) == (name, ""), number
+        with open(stored.path, encoding="utf-8", newline="") as handle:
+            assert handle.read() == text
+
+
+def test_a_broken_utf_16_file_is_refused(datacenter):
+    refused(
+        datacenter,
+        codecs.BOM_UTF16_LE + "id\n1\n".encode("utf-16-le")[:-1] + b"\xd8",
+        message="not valid UTF-16",
+    )
 
 
 @pytest.mark.parametrize(
@@ -129,3 +224,46 @@ def test_a_failure_half_way_leaves_no_temporary_file(datacenter):
 
     assert [name for name in os.listdir(datacenter.storage) if name.startswith(".")] == []
     assert datacenter.pending_files() == []
+
+
+# A storage that cannot take the file
+
+
+@pytest.fixture
+def small_storage(tmp_path):
+    """A data center on a real filesystem of 64 KiB (tmpfs, mounted as root)."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        if os.environ.get("DATACENTER_REQUIRE_SERVERS"):
+            pytest.fail(f"Could not mount a small filesystem: {mounted.stderr!r}")
+        pytest.skip("mounting a small filesystem needs root")
+    try:
+        yield DataCenter(str(folder / "storage"))
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_a_full_disk_is_a_form_error_and_leaves_nothing(small_storage):
+    before = tree(small_storage.storage)
+
+    with pytest.raises(UploadError, match=r"the storage is full \(No space left on device\)"):
+        upload(small_storage, b"id,text\n" + b"1,xxxxxxxxxx\n" * 10_000)
+    # The file itself fits; its conversion does not.
+    with pytest.raises(UploadError, match="the storage is full"):
+        upload(small_storage, b"a;b\n" + b"1;\xe9\xe9\xe9\xe9\xe9\xe9\xe9\xe9\n" * 2_500)
+
+    assert tree(small_storage.storage) == before
+    assert [name for name in os.listdir(small_storage.storage) if name.startswith(".")] == []
+
+
+def test_a_storage_that_may_not_be_written_is_a_form_error(small_storage):
+    subprocess.run(
+        ["mount", "-o", "remount,ro", os.path.dirname(small_storage.storage)], check=True
+    )
+
+    with pytest.raises(UploadError, match="the storage folder may not be written"):
+        upload(small_storage, b"id\n1\n")

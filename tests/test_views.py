@@ -110,6 +110,18 @@ def test_upload_stores_the_file_and_records_the_uploader(clerk_client, clerk, da
     assert Upload.objects.get(name="New_List.csv").uploaded_by == clerk
 
 
+def test_the_upload_message_says_what_was_converted(clerk_client, datacenter):
+    data = "Name;Ort\nMüller;Köln\n".encode("cp1252")
+    upload = SimpleUploadedFile("excel.csv", data, content_type="text/csv")
+
+    response = clerk_client.post(reverse("datacenter:upload"), {"file": upload}, follow=True)
+
+    assert (
+        "Uploaded excel.csv (converted from Windows-1252, semicolon-separated): 1 data rows"
+        in response.content.decode()
+    )
+
+
 def test_upload_errors_are_shown_on_the_form(clerk_client, files):
     before = tree(files.storage)
     upload = SimpleUploadedFile("people.csv", b"id\n2\n", content_type="text/csv")

@@ -16,7 +16,9 @@ import re
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
 import re2
@@ -556,6 +558,19 @@ class DataCenter:
         outputs is removed when it lies outside the storage. Returns the paths of the finished
         file and of the pending file (None when there is none).
         """
+        plan = self.plan_distribution(successful, source_path, pending_file is not None, mode)
+        plan.apply(finished_file, pending_file)
+        output_dir = os.path.realpath(os.path.dirname(finished_file))
+        storage = os.path.realpath(self.storage)
+        if os.path.commonpath([storage, output_dir]) != storage:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        return plan.finished_result, plan.pending_result
+
+    def plan_distribution(
+        self, successful: bool, source_path: str, has_pending: bool, mode: str
+    ) -> "Distribution":
+        """Where the outputs of processing `source_path` go (see dist_processed_files),
+        decided from the storage as it is now, before anything moves."""
         basename = os.path.basename(source_path)
         pending_name = basename
         completes_original = False
@@ -564,34 +579,69 @@ class DataCenter:
             if os.path.isfile(os.path.join(self.unfinished_path, original)):
                 basename = original
                 completes_original = True
-
         stem, ext = os.path.splitext(basename)
         if not completes_original:
             pending_name = f"{stem}.{mode}.pending{ext}"
-        finished_name = f"{stem}.{mode}.finished{ext}"
-        finished_result = os.path.join(self.finished_path, finished_name)
-        pending_result = None
-        _append_csv(finished_file, finished_result)
-        if pending_file is not None:
-            pending_result = os.path.join(self.storage, pending_name)
-            move_file(pending_file, pending_result)
-
         finished_dest = os.path.join(self.finished_path, basename)
         unfinished_dest = os.path.join(self.unfinished_path, basename)
+        plan = Distribution(
+            source=source_path,
+            finished_result=os.path.join(self.finished_path, f"{stem}.{mode}.finished{ext}"),
+            pending_result=os.path.join(self.storage, pending_name) if has_pending else None,
+            token=uuid.uuid4().hex,
+        )
         if successful and not completes_original:
-            move_file(source_path, finished_dest)
+            plan.moves = [(source_path, finished_dest)]
         elif successful:
-            move_file(unfinished_dest, finished_dest)
-            if os.path.exists(source_path):
-                os.unlink(source_path)
+            plan.moves = [(unfinished_dest, finished_dest)]
+            plan.remove_source = True
         elif not completes_original:
-            move_file(source_path, unfinished_dest)
+            plan.moves = [(source_path, unfinished_dest)]
+        return plan
 
-        output_dir = os.path.realpath(os.path.dirname(finished_file))
-        storage = os.path.realpath(self.storage)
-        if os.path.commonpath([storage, output_dir]) != storage:
-            shutil.rmtree(output_dir, ignore_errors=True)
-        return finished_result, pending_result
+
+@dataclass
+class Distribution:
+    """The steps that put the outputs of one batch run in place. A run cut off half-way is
+    finished by applying its plan again: each step is skipped once its input is gone, and
+    appending the finished rows goes through a merged file of the plan's own name, so that
+    no row is appended twice. The outputs must lie on the storage's filesystem for that."""
+
+    source: str
+    finished_result: str
+    pending_result: str | None
+    token: str
+    #: (from, to) renames of the source or of the original it completes.
+    moves: list[tuple[str, str]] = field(default_factory=list)
+    remove_source: bool = False
+
+    def apply(self, finished_file: str, pending_file: str | None) -> None:
+        self._append(finished_file, self.finished_result)
+        if pending_file is not None and os.path.exists(pending_file):
+            move_file(pending_file, self.pending_result)
+        for source, dest in self.moves:
+            if os.path.exists(source):
+                move_file(source, dest)
+        if self.remove_source and os.path.exists(self.source):
+            os.unlink(self.source)
+
+    def _append(self, rows: str, dest: str) -> None:
+        merged = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.{self.token}")
+        if os.path.exists(rows):
+            if not os.path.exists(dest):
+                move_file(rows, dest)
+                return
+            _merge_csv(dest, rows, merged)
+            os.unlink(rows)
+        if os.path.exists(merged):
+            os.replace(merged, dest)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Distribution":
+        return cls(**{**data, "moves": [tuple(move) for move in data["moves"]]})
 
 
 def read_csv_preview(path: str, max_rows: int = 10) -> tuple[list[str], list[list[str]]]:
@@ -608,39 +658,43 @@ def read_csv_preview(path: str, max_rows: int = 10) -> tuple[list[str], list[lis
 
 
 def _append_csv(source: str, dest: str) -> None:
-    """Append the records of CSV file `source` to CSV file `dest` and remove `source`.
-
-    Columns are matched by name; a column only one of the files has is left empty in the
-    other's records.
-    """
+    """Append the records of CSV file `source` to CSV file `dest` and remove `source`."""
     if not os.path.exists(dest):
         move_file(source, dest)
         return
+    handle, temp_path = tempfile.mkstemp(
+        dir=os.path.dirname(dest), prefix=f".{os.path.basename(dest)}.", suffix=".part"
+    )
+    os.close(handle)
+    try:
+        _merge_csv(dest, source, temp_path)
+        os.replace(temp_path, dest)
+    except BaseException:
+        if os.path.exists(temp_path):
+            os.unlink(temp_path)
+        raise
+    os.unlink(source)
+
+
+def _merge_csv(old_path: str, new_path: str, merged_path: str) -> None:
+    """Write the records of CSV files `old_path` then `new_path` to `merged_path`, durably,
+    with the mode of `old_path`. Columns are matched by name; a column only one of the files
+    has is left empty in the other's records."""
     with (
-        open(dest, encoding="utf-8", newline="") as old,
-        open(source, encoding="utf-8", newline="") as new,
+        open(old_path, encoding="utf-8", newline="") as old,
+        open(new_path, encoding="utf-8", newline="") as new,
+        open(merged_path, "w", encoding="utf-8", newline="") as merged,
     ):
         old_reader, new_reader = csv.DictReader(old), csv.DictReader(new)
         old_fields = old_reader.fieldnames or []
         fields = old_fields + [f for f in new_reader.fieldnames or [] if f not in old_fields]
-        handle, temp_path = tempfile.mkstemp(
-            dir=os.path.dirname(dest), prefix=f".{os.path.basename(dest)}.", suffix=".part"
-        )
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8", newline="") as merged:
-                writer = csv.DictWriter(merged, fields)
-                writer.writeheader()
-                writer.writerows(old_reader)
-                writer.writerows(new_reader)
-                merged.flush()
-                os.fsync(merged.fileno())
-            shutil.copymode(dest, temp_path)
-            os.replace(temp_path, dest)
-        except BaseException:
-            if os.path.exists(temp_path):
-                os.unlink(temp_path)
-            raise
-    os.unlink(source)
+        writer = csv.DictWriter(merged, fields)
+        writer.writeheader()
+        writer.writerows(old_reader)
+        writer.writerows(new_reader)
+        merged.flush()
+        os.fsync(merged.fileno())
+    shutil.copymode(old_path, merged_path)
 
 
 def _move_tree(source_dir: str, dest_dir: str, overwrite: bool, not_moved: dict, prefix=""):

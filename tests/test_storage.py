@@ -496,3 +496,42 @@ def test_the_finished_listing_follows_appends_newest_first(datacenter):
     storage._append_csv(source, os.path.join(finished, "a.create.finished.csv"))
 
     assert datacenter.finished_listing()[0].name == "a.create.finished.csv"
+
+
+# Distribution that a killed process leaves half-done
+
+
+def outputs(tmp_path, finished_rows: str, pending_rows: str | None):
+    folder = tmp_path / "outputs"
+    folder.mkdir(exist_ok=True)
+    finished = write(folder / "finished.csv", finished_rows)
+    pending = write(folder / "pending.csv", pending_rows) if pending_rows else None
+    return finished, pending
+
+
+def test_a_distribution_cut_off_at_any_step_is_finished_by_applying_it_again(datacenter, tmp_path):
+    write(os.path.join(datacenter.finished_path, "d.create.finished.csv"), "a\nold\n")
+    source = write(os.path.join(datacenter.storage, "d.csv"), "a\nnew\nbad\n")
+    plan = datacenter.plan_distribution(False, source, True, "create")
+    finished, pending = outputs(tmp_path, "a\nnew\n", "a,--ERRORS--\nbad,no\n")
+    merged = os.path.join(datacenter.finished_path, f".d.create.finished.csv.{plan.token}")
+    # Cut off after the merged rows were written and their input removed.
+    storage._merge_csv(plan.finished_result, finished, merged)
+    os.unlink(finished)
+
+    plan.apply(finished, pending)
+    plan.apply(finished, pending)  # and again: nothing happens twice
+
+    assert tree(datacenter.storage) == {
+        "finished/d.create.finished.csv": b"a\r\nold\r\nnew\r\n",
+        "d.create.pending.csv": b"a,--ERRORS--\nbad,no\n",
+        "unfinished/d.csv": b"a\nnew\nbad\n",
+    }
+
+
+def test_a_plan_survives_being_stored(datacenter):
+    source = write(os.path.join(datacenter.storage, "e.csv"), "a\n1\n")
+    plan = datacenter.plan_distribution(True, source, False, "update")
+
+    assert storage.Distribution.from_dict(plan.as_dict()) == plan
+    assert plan.moves == [(source, os.path.join(datacenter.finished_path, "e.csv"))]

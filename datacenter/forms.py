@@ -25,6 +25,18 @@ class UploadForm(forms.Form):
         self.helper.form_tag = True
 
 
+class ReplaceForm(forms.Form):
+    file = forms.FileField(
+        label="Corrected CSV file",
+        help_text="It takes the place of the pending file; the old version is kept in deleted/.",
+        widget=forms.ClearableFileInput(attrs={"accept": ".csv,text/csv"}),
+    )
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.helper = form_helper("Replace")
+
+
 class RelocateForm(forms.Form):
     path = forms.CharField(
         label="New storage path",

@@ -2,7 +2,6 @@
 
 import logging
 import os
-import socket
 import tempfile
 from datetime import timedelta
 
@@ -11,9 +10,9 @@ from django.db import DatabaseError, connection
 from django.utils import timezone
 
 from .models import WorkerHeartbeat, current_datacenter
+from .processes import HOST
 
 log = logging.getLogger(__name__)
-HOST = socket.gethostname()
 
 
 def beat() -> None:
@@ -37,7 +36,7 @@ def check() -> tuple[int, dict]:
         log.exception("Health check: the database cannot be reached.")
         report["database"] = "unreachable"
     else:
-        report["worker"] = _worker()
+        report["worker"] = worker_status()
     try:
         with tempfile.NamedTemporaryFile(dir=current_datacenter().storage, prefix=".healthz-"):
             pass
@@ -51,7 +50,8 @@ def check() -> tuple[int, dict]:
     return (503 if failing else 200), report
 
 
-def _worker() -> dict:
+def worker_status() -> dict:
+    """How the task workers are: "ok", "stale" or "never seen", with the last heartbeat."""
     last = WorkerHeartbeat.objects.order_by("-seen").values_list("seen", flat=True).first()
     if last is None:
         return {"status": "never seen", "last_heartbeat": None, "age_seconds": None}

@@ -1,5 +1,6 @@
 from django.conf import settings
-from django.db import models, transaction
+from django.db import models
+from django.urls import reverse
 
 from .storage import DataCenter
 
@@ -15,6 +16,10 @@ class StorageLocation(models.Model):
     changed = models.DateTimeField(auto_now=True)
     changed_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    #: The job moving the storage right now: one at a time.
+    relocating = models.ForeignKey(
+        "Job", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
 
     class Meta:
@@ -50,31 +55,6 @@ def current_datacenter() -> DataCenter:
     return DataCenter(location.path if location else settings.DATACENTER_STORAGE_ROOT)
 
 
-def relocate_storage(*, path: str, move: bool, overwrite: bool, user) -> dict[str, str]:
-    """Relocate the current data center to `path` and store the new path.
-
-    Returns what could not be moved (name: reason); raises StorageError for a refused path.
-    The row is locked for the whole move, so two relocations cannot run at once.
-    """
-    with transaction.atomic():
-        location, _ = StorageLocation.objects.select_for_update().get_or_create(
-            pk=1, defaults={"path": settings.DATACENTER_STORAGE_ROOT}
-        )
-        datacenter = DataCenter(location.path)
-        old_path = datacenter.storage
-        not_moved = datacenter.relocate(path, move=move, overwrite=overwrite)
-        location.path = datacenter.storage
-        location.changed_by = user
-        location.save()
-    datacenter.log_action(
-        user,
-        "relocate",
-        f"{old_path} -> {datacenter.storage}, move={move}, overwrite={overwrite}, "
-        f"not moved: {', '.join(sorted(not_moved)) or 'none'}",
-    )
-    return not_moved
-
-
 class WorkerHeartbeat(models.Model):
     """When a task worker (``manage.py task_worker``) last said that it is alive."""
 
@@ -87,3 +67,79 @@ class WorkerHeartbeat(models.Model):
 
     def __str__(self):
         return f"{self.host}:{self.pid}"
+
+
+class Job(models.Model):
+    """Long work of the data center (processing a file, its dry run, relocating the
+    storage), carried out by the task worker or at once, and followed on its page."""
+
+    PROCESS, RELOCATE = "process", "relocate"
+    KINDS = [(PROCESS, "process a file"), (RELOCATE, "relocate the storage")]
+    QUEUED, RUNNING, COMMITTED = "queued", "running", "committed"
+    SUCCESS, FAILED, INTERRUPTED = "success", "failed", "interrupted"
+    STATUSES = [
+        (QUEUED, "queued"),
+        (RUNNING, "running"),
+        (COMMITTED, "distributing the results"),
+        (SUCCESS, "success"),
+        (FAILED, "failed"),
+        (INTERRUPTED, "interrupted"),
+    ]
+    IN_PROGRESS = (QUEUED, RUNNING, COMMITTED)
+
+    kind = models.CharField(max_length=10, choices=KINDS)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    file_name = models.CharField(max_length=255, blank=True)
+    processor = models.CharField(max_length=100, blank=True)
+    mode = models.CharField(max_length=10, blank=True)
+    dry_run = models.BooleanField(default=False)
+    path = models.CharField("new storage path", max_length=4096, blank=True)
+    move = models.BooleanField(default=False)
+    overwrite = models.BooleanField(default=False)
+
+    status = models.CharField(max_length=12, choices=STATUSES, default=QUEUED, db_index=True)
+    done = models.PositiveIntegerField(default=0)
+    total = models.PositiveIntegerField(null=True, blank=True)
+    succeeded = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    #: What the job found: errors, output names, what could not be moved, the plan of a
+    #: distribution still to carry out.
+    result = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+    host = models.CharField(max_length=255, blank=True)
+    pid = models.PositiveIntegerField(null=True, blank=True)
+    task_id = models.CharField(max_length=64, blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+    started = models.DateTimeField(null=True, blank=True)
+    #: The last sign of life of the process carrying out the job.
+    updated = models.DateTimeField(null=True, blank=True)
+    finished = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created", "-pk"]
+
+    def __str__(self):
+        return f"Job #{self.pk}"
+
+    def get_absolute_url(self):
+        return reverse("datacenter:job", kwargs={"pk": self.pk})
+
+    @property
+    def in_progress(self) -> bool:
+        return self.status in self.IN_PROGRESS
+
+    @property
+    def title(self) -> str:
+        if self.kind == self.RELOCATE:
+            files = " with its files" if self.move else ""
+            return f"Relocate the storage to {self.path}{files}"
+        action = "Dry run of" if self.dry_run else "Process"
+        return f"{action} {self.file_name} ({self.mode}, {self.processor})"
+
+    @property
+    def percent(self) -> int | None:
+        if not self.total:
+            return None
+        return min(100, round(100 * self.done / self.total))

@@ -16,7 +16,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -27,7 +27,7 @@ from django.core.exceptions import ValidationError
 from django.db import DatabaseError, connections, models, router, transaction
 from django.utils.module_loading import import_string
 
-from .storage import DataCenter
+from .storage import DataCenter, Distribution
 
 MODES = ("create", "update", "remove")
 ERROR_COLUMN = "--ERRORS--"
@@ -52,6 +52,21 @@ class RowError(ValueError):
     """One row that cannot be applied; the message is written to its ``--ERRORS--`` cell."""
 
 
+#: How many changes of a dry run are kept to be shown (all are counted).
+CHANGES_KEPT = 5000
+
+
+@dataclass
+class Change:
+    """What one row would do: create, update, remove, or leave its record unchanged."""
+
+    line: int
+    action: str
+    key: str
+    #: (field, old value, new value) for each value the row changes, as text.
+    fields: list[tuple[str, str, str]] = field(default_factory=list)
+
+
 @dataclass
 class ProcessResult:
     total: int = 0
@@ -62,6 +77,9 @@ class ProcessResult:
     #: (line of the row in the file, message) for each failed row.
     errors: list[tuple[int, str]] = field(default_factory=list)
     seconds: float = 0.0
+    #: Of a dry run: the first CHANGES_KEPT changes, and how many rows do what.
+    changes: list[Change] = field(default_factory=list)
+    change_counts: dict[str, int] = field(default_factory=dict)
 
 
 class Processor:
@@ -98,8 +116,14 @@ class Processor:
         """Apply one row; raise RowError with a message for staff when it cannot be."""
         raise NotImplementedError
 
-    def apply_batch(self, rows: list[dict[str, str]], mode: str) -> dict[int, str]:
-        """Apply `rows`, each in its own savepoint; return the errors by index in `rows`."""
+    def apply_batch(
+        self, rows: list[dict[str, str]], mode: str, changes: dict | None = None
+    ) -> dict[int, str]:
+        """Apply `rows`, each in its own savepoint; return the errors by index in `rows`.
+
+        Given a dict `changes`, also describe what each row that works does, as a Change
+        (without its line) by index in `rows`.
+        """
         errors = {}
         for index, row in enumerate(rows):
             try:
@@ -107,6 +131,10 @@ class Processor:
                     self.apply_row(row, mode)
             except RowError as exc:
                 errors[index] = str(exc)
+            else:
+                if changes is not None:
+                    key = ", ".join(row.get(column, "") for column in self.key_columns)
+                    changes[index] = Change(0, mode, key)
         return errors
 
 
@@ -165,6 +193,9 @@ def process_file(
     *,
     user=None,
     dry_run: bool = False,
+    progress: Callable[[int], None] | None = None,
+    output_dir: str | None = None,
+    on_commit: Callable[[ProcessResult, Distribution], None] | None = None,
 ) -> ProcessResult:
     """Process the pending file `filename` with `processor` in `mode` and distribute the
     results (see DataCenter.dist_processed_files).
@@ -172,7 +203,80 @@ def process_file(
     With `dry_run`, everything runs in a transaction that is rolled back and no file is
     written or moved: the result tells which rows would fail. Raises ProcessingError (FileBusy
     while somebody else processes the file) and FileNotFoundError for a missing file.
+
+    `progress(rows)` is called after each batch. The outputs are written to `output_dir`
+    (a new temporary folder by default), which is removed at the end unless the rows were
+    committed and distributing them failed. `on_commit(result,
+    plan)` is called inside the transaction of the rows, just before it commits, with the
+    plan of the distribution, so that a caller can record in the same commit that the
+    results are ready to distribute (and replay the plan if the process dies).
     """
+    processor, source = _allowed(datacenter, filename, processor, mode, user)
+    started = time.monotonic()
+    with open(source.path, encoding="utf-8-sig", newline="") as handle, _claimed(handle, source):
+        reader = csv.reader(handle)
+        records = _records(reader, filename)
+        header = next(records, None) or []
+        problems = check_header(processor, header, mode) if header else ["The file is empty."]
+        if problems:
+            raise ProcessingError(" ".join(problems))
+        if dry_run:
+            output_dir = None
+        elif output_dir:
+            os.makedirs(output_dir, exist_ok=True)
+        else:
+            output_dir = tempfile.mkdtemp(prefix="datacenter-")
+        committed = distributed = False
+        try:
+            with transaction.atomic():
+                result = _process_rows(
+                    records, reader, header, processor, mode, output_dir, progress, dry_run
+                )
+                if dry_run:
+                    transaction.set_rollback(True)
+                else:
+                    plan = datacenter.plan_distribution(
+                        result.failed == 0, source.path, result.pending_file is not None, mode
+                    )
+                    if on_commit:
+                        on_commit(result, plan)
+            result.seconds = time.monotonic() - started
+            if dry_run:
+                return result
+            committed = True
+            plan.apply(result.finished_file, result.pending_file)
+            distributed = True
+            result.finished_file, result.pending_file = plan.finished_result, plan.pending_result
+        finally:
+            # Committed rows whose distribution failed keep their outputs, to finish it.
+            if output_dir and os.path.isdir(output_dir) and distributed == committed:
+                shutil.rmtree(output_dir)
+    datacenter.log_action(
+        user,
+        "processed",
+        f"{filename}, {mode} mode, {result.total} lines "
+        f"({result.succeeded} successful / {result.failed} failed), {result.seconds:.3f} s",
+    )
+    return result
+
+
+def check_processing(
+    datacenter: DataCenter, filename: str, processor: Processor | str, mode: str, user=None
+) -> None:
+    """Raise ProcessingError (FileNotFoundError for a missing file) for what would stop
+    process_file at once: a mode, a processor, a permission or a header row that does not
+    fit, so that a request is refused before it is queued."""
+    processor, source = _allowed(datacenter, filename, processor, mode, user)
+    with open(source.path, encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(_records(reader, filename), None) or []
+    problems = check_header(processor, header, mode) if header else ["The file is empty."]
+    if problems:
+        raise ProcessingError(" ".join(problems))
+
+
+def _allowed(datacenter, filename, processor, mode, user):
+    """The processor acting for `user` and the source file, if `user` may do this."""
     if isinstance(processor, str):
         processor = get_processor(processor)
     if mode not in MODES:
@@ -187,40 +291,7 @@ def process_file(
     required_mode = mode_of_pending_file(filename)
     if required_mode and mode != required_mode:
         raise ProcessingError(f"{filename} holds rows that failed in {required_mode} mode.")
-    source = datacenter.get_file(filename)
-    started = time.monotonic()
-    with open(source.path, encoding="utf-8-sig", newline="") as handle, _claimed(handle, source):
-        reader = csv.reader(handle)
-        records = _records(reader, filename)
-        header = next(records, None) or []
-        problems = check_header(processor, header, mode) if header else ["The file is empty."]
-        if problems:
-            raise ProcessingError(" ".join(problems))
-        output_dir = None if dry_run else tempfile.mkdtemp(prefix="datacenter-")
-        try:
-            with transaction.atomic():
-                result = _process_rows(records, reader, header, processor, mode, output_dir)
-                transaction.set_rollback(dry_run)
-            result.seconds = time.monotonic() - started
-            if dry_run:
-                return result
-            result.finished_file, result.pending_file = datacenter.dist_processed_files(
-                result.failed == 0,
-                source.path,
-                result.finished_file,
-                result.pending_file,
-                mode=mode,
-            )
-        finally:
-            if output_dir and os.path.isdir(output_dir):
-                shutil.rmtree(output_dir)
-    datacenter.log_action(
-        user,
-        "processed",
-        f"{filename}, {mode} mode, {result.total} lines "
-        f"({result.succeeded} successful / {result.failed} failed), {result.seconds:.3f} s",
-    )
-    return result
+    return processor, datacenter.get_file(filename)
 
 
 @contextmanager
@@ -257,7 +328,7 @@ def _records(reader, filename: str) -> Iterator[list[str]]:
         ) from None
 
 
-def _process_rows(records, reader, header, processor, mode, output_dir) -> ProcessResult:
+def _process_rows(records, reader, header, processor, mode, output_dir, progress, describe):
     result = ProcessResult()
     columns = [column.strip() for column in header]
     keep = [index for index, column in enumerate(columns) if column != ERROR_COLUMN]
@@ -266,7 +337,8 @@ def _process_rows(records, reader, header, processor, mode, output_dir) -> Proce
         for batch in _batches(records, reader, processor.batch_size):
             well_formed = [values for _, values in batch if len(values) == len(columns)]
             rows = [{columns[i]: values[i].strip() for i in keep} for values in well_formed]
-            errors = processor.apply_batch(rows, mode) if rows else {}
+            changes = {} if describe else None
+            errors = processor.apply_batch(rows, mode, changes) if rows else {}
             good, index = [], 0
             for line, values in batch:
                 if len(values) != len(columns):
@@ -280,16 +352,27 @@ def _process_rows(records, reader, header, processor, mode, output_dir) -> Proce
                     _fail(result, pending, [values[i] for i in keep], line, errors[index])
                 else:
                     good.append([values[i] for i in keep])
+                    if changes is not None:
+                        _count_change(result, changes.get(index) or Change(0, mode, ""), line)
                 index += 1
             result.succeeded += len(good)
             result.total += len(batch)
             if finished:
                 finished.writerows(good)
+            if progress:
+                progress(result.total)
     if output_dir:
         result.finished_file = os.path.join(output_dir, "finished.csv")
         if result.failed:
             result.pending_file = os.path.join(output_dir, "pending.csv")
     return result
+
+
+def _count_change(result: ProcessResult, change: Change, line: int) -> None:
+    result.change_counts[change.action] = result.change_counts.get(change.action, 0) + 1
+    if change.action != "unchanged" and len(result.changes) < CHANGES_KEPT:
+        change.line = line
+        result.changes.append(change)
 
 
 def _fail(result, pending, cells, line, message) -> None:
@@ -364,17 +447,24 @@ class ModelProcessor(Processor):
         """Hook for subclasses: raise RowError for a record that the row may not update or
         remove."""
 
-    def apply_batch(self, rows: list[dict[str, str]], mode: str) -> dict[int, str]:
+    def apply_batch(self, rows, mode, changes=None):
         existing = self.model._default_manager.in_bulk(
             {row[self.key] for row in rows if row[self.key]}, field_name=self.key
         )
         related = self._related_objects(rows)
+        old_related = self._current_related(existing) if changes is not None else {}
         errors, planned, seen = {}, [], set()
         for index, row in enumerate(rows):
             try:
+                before = _values(existing.get(row[self.key])) if changes is not None else None
                 planned.append((index, *self._plan(row, mode, existing, related, seen)))
             except RowError as exc:
                 errors[index] = str(exc)
+            else:
+                if changes is not None:
+                    changes[index] = self._change(
+                        row, mode, before, planned[-1], related, old_related
+                    )
         try:
             with transaction.atomic():
                 self._write(planned, mode)
@@ -386,6 +476,48 @@ class ModelProcessor(Processor):
                 except DatabaseError as exc:
                     errors[plan[0]] = f"The database refused the row: {exc}"
         return errors
+
+    #: Fields whose values a dry run does not show, only that they change.
+    secret_fields: tuple[str, ...] = ()
+
+    def _change(self, row, mode, before, plan, related, old_related) -> Change:
+        """What a planned row does to its record, field by field."""
+        _, instance, changed, many = plan
+        key = row[self.key]
+        if mode == "remove":
+            return Change(0, "remove", key)
+        after = _values(instance)
+        fields = []
+        for attname in changed:
+            old, new = (before or {}).get(attname, ""), after[attname]
+            if before is None or old != new:
+                name = self.model._meta.get_field(attname).name
+                if name in self.secret_fields:
+                    old, new = ("(set)" if old else ""), "(new value)"
+                fields.append((name, old, new))
+        for name, ids in many.items():
+            by_id = {pk: label for label, pk in related[name].items()}
+            new = self.separator.join(sorted(by_id[pk] for pk in ids))
+            old = self.separator.join(sorted(old_related.get(name, {}).get(instance.pk, [])))
+            if before is None and new or before is not None and old != new:
+                fields.append((name, old, new))
+        if mode == "create":
+            return Change(0, "create", key, fields)
+        return Change(0, "update" if fields else "unchanged", key, fields)
+
+    def _current_related(self, existing) -> dict[str, dict[int, list[str]]]:
+        """The names of the related objects of `existing` records, by field and record."""
+        current = {}
+        for name, attribute in self.related_by.items():
+            field = self.model._meta.get_field(name)
+            source = f"{field.m2m_field_name()}_id"
+            pairs = field.remote_field.through.objects.filter(
+                **{f"{source}__in": [instance.pk for instance in existing.values()]}
+            ).values_list(source, f"{field.m2m_reverse_field_name()}__{attribute}")
+            current[name] = {}
+            for pk, label in pairs:
+                current[name].setdefault(pk, []).append(str(label))
+        return current
 
     def _plan(self, row, mode, existing, related, seen):
         """Check one row and return the instance to write, its fields and many-to-many ids."""
@@ -509,6 +641,24 @@ class ModelProcessor(Processor):
         )
 
 
+def _values(instance) -> dict[str, str] | None:
+    """The values of the concrete fields of `instance` as shown to staff, by attname."""
+    if instance is None:
+        return None
+    return {
+        field.attname: _shown(getattr(instance, field.attname))
+        for field in instance._meta.concrete_fields
+    }
+
+
+def _shown(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
 def _to_python(field, value: str):
     if isinstance(field, models.BooleanField):
         word = value.lower()
@@ -549,6 +699,7 @@ class UserProcessor(ModelProcessor):
     key = "username"
     fields = ("email", "first_name", "last_name", "is_active", "is_staff", "groups", "password")
     related_by = {"groups": "name"}
+    secret_fields = ("password",)
 
     def __init__(self):
         self.model = get_user_model()

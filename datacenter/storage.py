@@ -9,6 +9,7 @@ place; an original is removed only after its copy is complete.
 import contextlib
 import csv
 import errno
+import fcntl
 import filecmp
 import functools
 import os
@@ -17,7 +18,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
@@ -29,6 +30,8 @@ csv.field_size_limit(2**31 - 1)
 
 SUBFOLDERS = ("deleted", "finished", "graduated", "logs", "unfinished")
 ACTION_LOG = "datacenter.log"
+#: The hidden folder of the storage root where jobs keep their outputs until distributed.
+JOBS_FOLDER = ".jobs"
 # A rotated log backup such as "datacenter.log.3".
 LOG_BACKUP_NAME = re.compile(r"^(?P<base>.+)\.(?P<number>\d+)$")
 
@@ -398,10 +401,34 @@ class DataCenter:
         A file of the same name already in ``deleted/`` is kept: the newcomer gets a free name.
         """
         file = self.get_file(name)
+        return self._into_deleted(file.path, name, place_new_file)
+
+    def replace_file(self, name: str, new_path: str) -> str:
+        """Put the complete file `new_path` (in the storage root) in place of the pending file
+        `name` in one step, keeping the old version in ``deleted/``; return its name there.
+
+        Raises StorageError while the file is being processed: the old version is in use.
+        """
+        file = self.get_file(name)
+        with open(file.path, "rb") as handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StorageError(
+                    f"{name} is being processed right now; nothing was changed. Try again "
+                    "when that run has ended."
+                ) from None
+            if not os.path.samestat(os.fstat(handle.fileno()), os.stat(file.path)):
+                raise StorageError(f"{name} was changed meanwhile; nothing was changed.")
+            kept = self._into_deleted(file.path, name, os.link)
+            os.replace(new_path, file.path)
+        return kept
+
+    def _into_deleted(self, path: str, name: str, place: Callable[[str, str], None]) -> str:
         while True:
             target = unique_name(self.deleted_path, name)
             try:
-                place_new_file(file.path, os.path.join(self.deleted_path, target))
+                place(path, os.path.join(self.deleted_path, target))
             except FileExistsError:
                 continue  # another process took the name in the meantime
             return target
@@ -513,12 +540,21 @@ class DataCenter:
             raise StorageError(f"The folder {new} is not writable: {exc.strerror}.") from None
         return new
 
-    def relocate(self, path: str, move: bool = False, overwrite: bool = False) -> dict[str, str]:
+    def relocate(
+        self,
+        path: str,
+        move: bool = False,
+        overwrite: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> dict[str, str]:
         """Make `path` the storage, moving the old contents over with `move`.
 
         Returns what could not be moved, as a mapping of the name (relative to the storage) to
         the reason; those items stay in the old storage. Raises StorageError for a path that
-        cannot be used, and then nothing changes.
+        cannot be used, and then nothing changes. `progress(files, total)` is called as files
+        are moved. A move that was cut off is finished by moving again to the same path: a
+        file already copied there, byte for byte the same, is then only removed here. The
+        outputs of jobs (JOBS_FOLDER) stay where they are.
         """
         new = self.check_new_storage_path(path)
         old = self.storage
@@ -528,7 +564,16 @@ class DataCenter:
             return {}
         not_moved: dict[str, str] = {}
         if move:
-            _move_tree(old, new, overwrite, not_moved)
+            total = _count_files(old)
+            moved = 0
+
+            def done(files: int) -> None:
+                nonlocal moved
+                moved += files
+                if progress:
+                    progress(moved, total)
+
+            _move_tree(old, new, overwrite, not_moved, done=done)
         self.storage = new
         self._create_subfolders()
         storage_moved.send(sender=DataCenter, datacenter=self, old_path=old, new_path=new)
@@ -697,25 +742,42 @@ def _merge_csv(old_path: str, new_path: str, merged_path: str) -> None:
     shutil.copymode(old_path, merged_path)
 
 
-def _move_tree(source_dir: str, dest_dir: str, overwrite: bool, not_moved: dict, prefix=""):
+def _count_files(folder: str) -> int:
+    """The files (and links) below `folder` that a move of the storage would handle."""
+    count = 0
+    for parent, dirs, files in os.walk(folder):
+        if parent == folder and JOBS_FOLDER in dirs:
+            dirs.remove(JOBS_FOLDER)
+        count += len(files) + sum(os.path.islink(os.path.join(parent, d)) for d in dirs)
+    return count
+
+
+def _move_tree(source_dir, dest_dir, overwrite, not_moved, prefix="", done=lambda files: None):
     """Move the entries of `source_dir` into `dest_dir`, merging folders of the same name.
 
     Each entry is copied, checked against its original and only then removed at the old
     place. What cannot be moved stays and is recorded in `not_moved` with the reason.
+    `done(files)` is told how many files were handled after each entry.
     """
     with os.scandir(source_dir) as scan:
         entries = sorted(scan, key=lambda entry: entry.name)
     for entry in entries:
         name = prefix + entry.name
+        if name == JOBS_FOLDER:
+            continue
         dest = os.path.join(dest_dir, entry.name)
         source_is_dir = entry.is_dir(follow_symlinks=False)
         dest_exists = os.path.lexists(dest)
         dest_is_dir = os.path.isdir(dest) and not os.path.islink(dest)
+        files = _count_files(entry.path) if source_is_dir else 1
         try:
             if source_is_dir and dest_is_dir:
-                _move_tree(entry.path, dest, overwrite, not_moved, name + "/")
+                _move_tree(entry.path, dest, overwrite, not_moved, name + "/", done)
+                files = 0  # told file by file
                 if not os.listdir(entry.path):
                     os.rmdir(entry.path)
+            elif dest_exists and _same_file(entry, dest):
+                os.unlink(entry.path)  # copied by a move that was cut off before this step
             elif dest_exists and not overwrite:
                 not_moved[name] = "already exists in the new storage (overwrite is off)"
             elif dest_exists and (source_is_dir or dest_is_dir):
@@ -726,6 +788,16 @@ def _move_tree(source_dir: str, dest_dir: str, overwrite: bool, not_moved: dict,
                 _move_entry(entry.path, dest)
         except OSError as exc:
             not_moved[name] = exc.strerror or str(exc)
+        done(files)
+
+
+def _same_file(entry: os.DirEntry, dest: str) -> bool:
+    return (
+        entry.is_file(follow_symlinks=False)
+        and os.path.isfile(dest)
+        and not os.path.islink(dest)
+        and filecmp.cmp(entry.path, dest, shallow=False)
+    )
 
 
 def _move_entry(source: str, dest: str) -> None:

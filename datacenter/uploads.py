@@ -17,7 +17,14 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
-from .storage import DataCenter, DataCenterFile, fsync_file, human_size, place_new_file
+from .storage import (
+    DataCenter,
+    DataCenterFile,
+    StorageError,
+    fsync_file,
+    human_size,
+    place_new_file,
+)
 
 MAX_NAME_LENGTH = 100
 CHUNK_SIZE = 64 * 1024
@@ -62,10 +69,55 @@ def save_upload(
     ``unfinished/``, the file is larger than `max_size` bytes, is no well-formed CSV file with
     a proper header, or cannot be written (a full disk). Records who uploaded it.
     """
-    if max_size is None:
-        max_size = settings.DATACENTER_MAX_UPLOAD_SIZE
     name = safe_filename(filename)
     _check_name_is_free(datacenter, name)
+    with _stored_canonical(datacenter, fileobj, max_size) as (stored, form):
+        _check_name_is_free(datacenter, name)
+        try:
+            place_new_file(stored, os.path.join(datacenter.storage, name))
+        except FileExistsError:
+            raise UploadError(_name_taken(name, "the pending files")) from None
+    if user is not None:
+        from .models import Upload
+
+        Upload.objects.update_or_create(name=name, defaults={"uploaded_by": user})
+    detail = f"{name} ({form.conversion})" if form.conversion else name
+    datacenter.log_action(user, "upload", detail)
+    file = datacenter.get_file(name)
+    file.conversion = form.conversion
+    return file
+
+
+def replace_upload(
+    datacenter: DataCenter, fileobj, name: str, *, user=None, max_size: int | None = None
+) -> tuple[DataCenterFile, str]:
+    """Store the CSV file `fileobj` as save_upload does, in place of the pending file `name`
+    (in one step, never missing), and return it with the name of the old version, which is
+    kept in ``deleted/``. Raises UploadError as save_upload does, and while `name` is being
+    processed, leaving everything as it was."""
+    datacenter.get_file(name)
+    with _stored_canonical(datacenter, fileobj, max_size) as (stored, form):
+        try:
+            kept = datacenter.replace_file(name, stored)
+        except StorageError as exc:
+            raise UploadError(str(exc)) from None
+    if user is not None:
+        from .models import Upload
+
+        Upload.objects.update_or_create(name=name, defaults={"uploaded_by": user})
+    conversion = f" ({form.conversion})" if form.conversion else ""
+    datacenter.log_action(user, "replace", f"{name}{conversion}; old version deleted/{kept}")
+    file = datacenter.get_file(name)
+    file.conversion = form.conversion
+    return file, kept
+
+
+@contextlib.contextmanager
+def _stored_canonical(datacenter: DataCenter, fileobj, max_size: int | None):
+    """Yield (path, form) of the upload written durably in canonical form to a hidden file
+    in the storage root, which the caller moves into place; remove what is left after."""
+    if max_size is None:
+        max_size = settings.DATACENTER_MAX_UPLOAD_SIZE
     temp_paths = []
     try:
         with _storage_errors():
@@ -85,25 +137,12 @@ def save_upload(
                 stored = raw_path
             os.chmod(stored, 0o644)
             fsync_file(stored)
-        _check_name_is_free(datacenter, name)
-        try:
-            place_new_file(stored, os.path.join(datacenter.storage, name))
-        except FileExistsError:
-            raise UploadError(_name_taken(name, "the pending files")) from None
+        with _storage_errors():
+            yield stored, form
     finally:
         for path in temp_paths:
             if os.path.exists(path):
                 os.unlink(path)
-
-    if user is not None:
-        from .models import Upload
-
-        Upload.objects.update_or_create(name=name, defaults={"uploaded_by": user})
-    detail = f"{name} ({form.conversion})" if form.conversion else name
-    datacenter.log_action(user, "upload", detail)
-    file = datacenter.get_file(name)
-    file.conversion = form.conversion
-    return file
 
 
 def _temp_file(datacenter: DataCenter, temp_paths: list[str]) -> str:

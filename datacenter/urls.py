@@ -10,6 +10,10 @@ urlpatterns = [
     path("files/<str:name>/download/", views.download, name="download"),
     path("files/<str:name>/delete/", views.delete, name="delete"),
     path("files/<str:name>/process/", views.process, name="process"),
+    path("files/<str:name>/edit/", views.edit, name="edit"),
+    path("files/<str:name>/replace/", views.replace, name="replace"),
+    path("jobs/", views.job_list, name="jobs"),
+    path("jobs/<int:pk>/", views.job, name="job"),
     path("finished/", views.finished, name="finished"),
     path(
         "finished/<str:name>/download/",

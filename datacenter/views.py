@@ -1,4 +1,3 @@
-import os
 from functools import wraps
 
 from django.conf import settings
@@ -10,15 +9,16 @@ from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_http_methods, require_safe
 
-from . import health
-from .forms import LogSearchForm, ProcessForm, RelocateForm, UploadForm
-from .models import Upload, current_datacenter, relocate_storage
-from .processing import ProcessingError, mode_of_pending_file, process_file, processors
+from . import editing, health, jobs
+from .forms import LogSearchForm, ProcessForm, RelocateForm, ReplaceForm, UploadForm
+from .models import Job, Upload, current_datacenter
+from .processing import ProcessingError, mode_of_pending_file, processors
 from .storage import StorageError, read_csv_preview
-from .uploads import UploadError, save_upload
+from .uploads import UploadError, replace_upload, save_upload
 
 PREVIEW_ROWS = 20
 PREVIEW_ERRORS = 200
+EDITOR_ROWS = 50
 
 
 def datacenter_permission(codename: str):
@@ -93,9 +93,9 @@ def download(request, name, folder=""):
 def preview(request, name):
     file = current_datacenter().get_file(name)
     header, rows = read_csv_preview(file.path, PREVIEW_ROWS)
-    return render(
-        request, "datacenter/preview.html", {"file": file, "header": header, "rows": rows}
-    )
+    editable = mode_of_pending_file(name) is not None
+    context = {"file": file, "header": header, "rows": rows, "editable": editable}
+    return render(request, "datacenter/preview.html", context)
 
 
 @datacenter_permission("delete_files")
@@ -122,27 +122,101 @@ def process(request, name):
     form = ProcessForm(
         request.POST or None, processors=processors(), fixed_mode=mode_of_pending_file(name)
     )
-    context = {"file": file, "form": form}
     if request.method == "POST" and form.is_valid():
-        processor, mode = form.cleaned_data["processor"], form.cleaned_data["mode"]
-        dry_run = request.POST.get("step") != "process"
         try:
-            result = process_file(
-                datacenter, name, processor, mode, user=request.user, dry_run=dry_run
+            job = jobs.start_processing(
+                name=name,
+                processor=form.cleaned_data["processor"],
+                mode=form.cleaned_data["mode"],
+                dry_run=request.POST.get("step") != "process",
+                user=request.user,
             )
-        except ProcessingError as exc:
+        except (ProcessingError, StorageError) as exc:
             form.add_error(None, str(exc))
         else:
-            context |= {"result": result, "errors": result.errors[:PREVIEW_ERRORS]}
-            if dry_run:
-                return render(request, "datacenter/process_dry_run.html", context)
-            context |= {
-                "finished_name": os.path.basename(result.finished_file),
-                "pending_name": result.pending_file and os.path.basename(result.pending_file),
-            }
-            return render(request, "datacenter/process_result.html", context)
-    context["header"], context["rows"] = read_csv_preview(file.path, PREVIEW_ROWS)
+            return redirect(job)
+    header, rows = read_csv_preview(file.path, PREVIEW_ROWS)
+    context = {"file": file, "form": form, "header": header, "rows": rows}
+    context["at_once_size"] = settings.DATACENTER_RUN_AT_ONCE_SIZE
     return render(request, "datacenter/process.html", context)
+
+
+@datacenter_permission("view_files")
+def job_list(request):
+    jobs.recover_jobs()
+    page = paginate(request, Job.objects.select_related("user"))
+    return render(request, "datacenter/jobs.html", {"page": page})
+
+
+@datacenter_permission("view_files")
+def job(request, pk):
+    jobs.recover_jobs()
+    try:
+        job = Job.objects.select_related("user").get(pk=pk)
+    except Job.DoesNotExist:
+        raise Http404("No such job.") from None
+    context = {"job": job, "done": jobs.live_progress(job)}
+    if job.in_progress:
+        context["worker"] = health.worker_status()
+    result = job.result or {}
+    context["errors"] = result.get("errors", [])[:PREVIEW_ERRORS]
+    if job.dry_run and job.status == Job.SUCCESS:
+        context["changes"] = paginate(request, result.get("changes", []))
+        context["change_counts"] = result.get("change_counts", {})
+        context["can_process"] = request.user.has_perm("datacenter.process_files") and any(
+            file.name == job.file_name for file in current_datacenter().pending_listing()
+        )
+    return render(request, "datacenter/job.html", context)
+
+
+@datacenter_permission("upload_files")
+@require_http_methods(["GET", "POST"])
+@file_or_404
+def edit(request, name):
+    """Correct the failed rows of a pending file in the browser, a page at a time."""
+    datacenter = current_datacenter()
+    file = datacenter.get_file(name)
+    if mode_of_pending_file(name) is None:
+        raise Http404("Only the pending files of failed rows can be edited here.")
+    table = editing.FailedRows(file)
+    page = Paginator(table, EDITOR_ROWS).get_page(request.GET.get("page"))
+    error = None
+    if request.method == "POST":
+        try:
+            saved = editing.save_corrections(datacenter, file, request.POST, user=request.user)
+        except editing.EditError as exc:
+            error = str(exc)
+        else:
+            messages.success(request, saved.message)
+            return redirect("datacenter:preview", name=name)
+    context = {"file": file, "table": table, "page": page, "error": error}
+    return render(request, "datacenter/edit.html", context)
+
+
+@datacenter_permission("upload_files")
+@require_http_methods(["GET", "POST"])
+@file_or_404
+def replace(request, name):
+    """Upload a corrected version of a pending file under the same name."""
+    datacenter = current_datacenter()
+    file = datacenter.get_file(name)
+    form = ReplaceForm(request.POST or None, request.FILES or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            stored, kept = replace_upload(
+                datacenter, form.cleaned_data["file"], name, user=request.user
+            )
+        except UploadError as exc:
+            form.add_error("file", str(exc))
+        else:
+            converted = f" ({stored.conversion})" if stored.conversion else ""
+            messages.success(
+                request,
+                f"Replaced {name}{converted}: {stored.rows} data rows; the old version was "
+                f"kept as deleted/{kept}.",
+            )
+            return redirect("datacenter:preview", name=name)
+    return render(request, "datacenter/replace.html", {"file": file, "form": form})
 
 
 @datacenter_permission("view_files")
@@ -190,19 +264,11 @@ def storage(request):
     form = RelocateForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         try:
-            not_moved = relocate_storage(user=request.user, **form.cleaned_data)
+            job = jobs.start_relocation(user=request.user, **form.cleaned_data)
         except StorageError as exc:
             form.add_error("path", str(exc))
         else:
-            new_path = current_datacenter().storage
-            messages.success(request, f"The storage is now at {new_path}.")
-            context = {
-                "old_path": datacenter.storage,
-                "new_path": new_path,
-                "move": form.cleaned_data["move"],
-                "not_moved": sorted(not_moved.items()),
-            }
-            return render(request, "datacenter/relocated.html", context)
+            return redirect(job)
     context = {"datacenter": datacenter, "free_space": datacenter.free_space(), "form": form}
     return render(request, "datacenter/storage.html", context)
 

@@ -156,6 +156,11 @@ FILE_UPLOAD_HANDLERS = ["django.core.files.uploadhandler.TemporaryFileUploadHand
 DATACENTER_STORAGE_ROOT = os.environ.get("DATACENTER_STORAGE_ROOT", str(VAR_DIR / "storage"))
 DATACENTER_MAX_UPLOAD_SIZE = env_int("DATACENTER_MAX_UPLOAD_SIZE", 100 * 1024 * 1024)
 DATACENTER_PAGE_SIZE = env_int("DATACENTER_PAGE_SIZE", 25)
+# Processing a file larger than this many bytes, and relocating with files, runs as a job
+# of the task worker; smaller work runs at once. A job that gave no sign of life for
+# DATACENTER_JOB_LEASE seconds is taken for dead (on its own host that is known at once).
+DATACENTER_RUN_AT_ONCE_SIZE = env_int("DATACENTER_RUN_AT_ONCE_SIZE", 256 * 1024)
+DATACENTER_JOB_LEASE = env_int("DATACENTER_JOB_LEASE", 600)
 # Batch processors offered for pending files (dotted paths of Processor classes).
 DATACENTER_PROCESSORS = ["datacenter.processing.UserProcessor"]
 

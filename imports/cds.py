@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from io import BytesIO
 
+from datacenter.processes import HOST, died_on_this_host
+
 from .fetch import FileOutcome, SpoolError, fetch, finish_journeys, repair, spool_errors
-from .processes import HOST, died_on_this_host
 from .spool import FileStore
 from .transports import (
     CONNECTION_ERRORS,

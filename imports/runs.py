@@ -27,9 +27,10 @@ from django.tasks import TaskResultStatus
 from django.utils import timezone
 from django_tasks_db.models import DBTaskResult
 
+from datacenter.processes import HOST, died_on_this_host
+
 from . import cds
 from .models import CdsSource, ImportedFile, ImportLogEntry, ImportRun
-from .processes import HOST, died_on_this_host
 
 log = logging.getLogger("imports.cds")
 

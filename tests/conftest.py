@@ -191,6 +191,13 @@ def start_manage(*args: str, **env) -> subprocess.Popen:
     )
 
 
+def run_worker() -> None:
+    """Carry out the queued tasks in this process, as the task worker would."""
+    from django.core.management import call_command
+
+    call_command("db_worker", "--batch", "--no-startup-delay", "--no-reload")
+
+
 def wait_for(condition, process: subprocess.Popen | None = None, timeout: float = 60) -> None:
     """Wait until `condition()` is true, failing when `process` ends first or time is up."""
     deadline = time.monotonic() + timeout

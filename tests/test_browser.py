@@ -8,7 +8,7 @@ from django.contrib.auth.models import Permission, User
 from django.core.management import call_command
 from playwright.sync_api import expect, sync_playwright
 
-from .conftest import PASSWORD, write
+from .conftest import PASSWORD, run_worker, write
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -97,7 +97,7 @@ def test_an_invalid_upload_is_explained(page, clerk, datacenter):
     assert datacenter.pending_files() == []
 
 
-def test_relocate_the_storage_with_its_files(page, clerk, datacenter, tmp_path):
+def test_relocate_the_storage_with_its_files_as_a_job(page, clerk, datacenter, tmp_path):
     write(os.path.join(datacenter.storage, "people.csv"), "id\n1\n")
     new = tmp_path / "relocated"
     log_in(page, "clerk")
@@ -108,11 +108,14 @@ def test_relocate_the_storage_with_its_files(page, clerk, datacenter, tmp_path):
     page.get_by_label("Move existing files to the new path").check()
     page.get_by_role("button", name="Relocate storage").click()
 
+    expect(page.locator("#job-status")).to_have_text("queued")
+    run_worker()
+    expect(page.locator("#job-status")).to_have_text("success")
     expect(page.locator("#new-path")).to_have_text(str(new))
     expect(page.get_by_text("All files were moved.")).to_be_visible()
     assert (new / "people.csv").read_text() == "id\n1\n"
     assert not os.path.exists(os.path.join(datacenter.storage, "people.csv"))
-    page.get_by_role("link", name="Pending files").click()
+    page.locator("#nav").get_by_role("link", name="Pending files").click()
     expect(page.get_by_role("row", name="people.csv")).to_be_visible()
 
 
@@ -168,3 +171,54 @@ def test_run_an_import_from_the_overview_and_watch_it_complete(page, clerk, sour
     expect(page.locator("#run-files")).to_contain_text("delivered")
     page.get_by_role("link", name="CDS imports").click()
     expect(page.get_by_role("row", name="partner")).to_contain_text("1")
+
+
+def test_process_a_file_as_a_background_job_and_fix_two_rows_in_the_editor(
+    page, clerk, datacenter, settings
+):
+    settings.DATACENTER_RUN_AT_ONCE_SIZE = 0  # every file goes to the worker
+    clerk.user_permissions.add(*Permission.objects.filter(content_type__app_label="auth"))
+    rows = "username,email\nann,ann@example.org\nbob,bob@example\ncy,cy@\ndee,dee@example.org\n"
+    write(os.path.join(datacenter.storage, "staff.csv"), rows)
+    log_in(page, "clerk")
+
+    page.get_by_role("row", name="staff.csv").get_by_role("link", name="Process").click()
+    page.get_by_label("Mode").select_option("create")
+    page.get_by_role("button", name="Process without a dry run").click()
+    expect(page.locator("#job-status")).to_have_text("queued")
+    run_worker()
+    expect(page.locator("#job-status")).to_have_text("success")
+    expect(page.locator("#result-summary")).to_contain_text("2 successful")
+    expect(page.locator("#row-errors")).to_contain_text("email: Enter a valid email address.")
+
+    page.get_by_role("link", name="fix them here").click()
+    expect(page.locator("#editor tbody tr")).to_have_count(2)
+    page.get_by_label("Row 1 email").fill("bob@example.org")
+    page.get_by_label("Row 2 email").fill("cy@example.org")
+    page.get_by_role("button", name="Save corrections").click()
+    expect(page.get_by_role("alert")).to_contain_text("2 rows corrected, 0 dropped")
+    assert os.listdir(datacenter.deleted_path) == ["staff.create.pending.csv"]
+
+    page.get_by_role("link", name="Process").click()
+    page.get_by_role("button", name="Check and try (dry run)").click()
+    run_worker()
+    expect(page.locator("#dry-run-summary")).to_contain_text("2 would succeed")
+    expect(page.locator("#changes")).to_contain_text("bob@example.org")
+    page.get_by_role("button", name="Process", exact=True).click()
+    run_worker()
+    expect(page.locator("#result-summary")).to_contain_text("2 successful")
+    assert set(User.objects.exclude(username="clerk").values_list("email", flat=True)) == {
+        "ann@example.org",
+        "bob@example.org",
+        "cy@example.org",
+        "dee@example.org",
+    }
+    # The set is complete: the original and all its rows are finished, nothing is pending.
+    assert sorted(os.listdir(datacenter.finished_path)) == [
+        "staff.create.finished.csv",
+        "staff.csv",
+    ]
+    assert os.listdir(datacenter.unfinished_path) == []
+    assert datacenter.pending_files() == []
+    page.get_by_role("link", name="Jobs", exact=True).click()
+    expect(page.locator("#jobs tbody tr")).to_have_count(3)

@@ -203,7 +203,7 @@ def test_the_spool_browser_never_follows_a_folder_link_out_of_the_spool(
 
 
 def test_an_interrupted_run_is_shown_as_such_on_every_page(operator_client, admin_client, source):
-    from imports.processes import HOST
+    from datacenter.processes import HOST
 
     from .test_cds import dead_pid
 

@@ -61,16 +61,23 @@ def test_dry_run_then_process(manager_client, datacenter):
     write(os.path.join(datacenter.storage, "new.csv"), rows)
     choice = {"processor": "users", "mode": "create"}
 
-    dry_run = manager_client.post(url("new.csv"), choice)
+    dry_run = manager_client.post(url("new.csv"), choice, follow=True)
 
-    assert (dry_run.context["result"].succeeded, dry_run.context["result"].failed) == (1, 1)
-    assert dry_run.context["errors"] == [(3, "email: Enter a valid email address.")]
+    job = dry_run.context["job"]
+    assert (job.dry_run, job.status, job.succeeded, job.failed) == (True, "success", 1, 1)
+    assert dry_run.context["errors"] == [[3, "email: Enter a valid email address."]]
+    assert [list(change) for change in dry_run.context["changes"]] == [
+        [2, "create", "ann", [["email", "", "a@example.org"]]]
+    ]
+    assert b"would succeed" in dry_run.content
     assert not User.objects.filter(username="ann").exists()
 
-    done = manager_client.post(url("new.csv"), {**choice, "step": "process"})
+    done = manager_client.post(url("new.csv"), {**choice, "step": "process"}, follow=True)
 
-    assert done.context["finished_name"] == "new.create.finished.csv"
-    assert done.context["pending_name"] == "new.create.pending.csv"
+    job = done.context["job"]
+    assert job.result["finished_name"] == "new.create.finished.csv"
+    assert job.result["pending_name"] == "new.create.pending.csv"
+    assert b"1</strong> successful" in done.content
     assert User.objects.filter(username__in=["ann", "bob"]).get().username == "ann"
     assert os.listdir(datacenter.unfinished_path) == ["new.csv"]
 

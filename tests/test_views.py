@@ -5,9 +5,9 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import reverse
 
-from datacenter.models import StorageLocation, Upload, current_datacenter
+from datacenter.models import Job, StorageLocation, Upload, current_datacenter
 
-from .conftest import tree, write
+from .conftest import run_worker, tree, write
 
 pytestmark = pytest.mark.django_db
 
@@ -18,7 +18,9 @@ PAGES = [
     ("datacenter:download", {"name": "people.csv"}),
     ("datacenter:delete", {"name": "people.csv"}),
     ("datacenter:process", {"name": "people.csv"}),
+    ("datacenter:replace", {"name": "people.csv"}),
     ("datacenter:finished", {}),
+    ("datacenter:jobs", {}),
     ("datacenter:download_finished", {"name": "people.create.finished.csv"}),
     ("datacenter:logs", {}),
     ("datacenter:log", {"name": "datacenter.log"}),
@@ -28,6 +30,7 @@ VIEWER_MAY_NOT = {
     "datacenter:upload",
     "datacenter:delete",
     "datacenter:process",
+    "datacenter:replace",
     "datacenter:storage",
 }
 
@@ -228,16 +231,21 @@ def test_storage_page_shows_path_and_free_space(clerk_client, datacenter):
     assert response.context["free_space"] > 0
 
 
+@pytest.mark.django_db(transaction=True)
 def test_relocation_moves_files_and_stores_the_path(clerk_client, clerk, files, tmp_path):
     new = tmp_path / "elsewhere"
     new.mkdir()
     write(new / "people.csv", "theirs")
 
-    response = clerk_client.post(reverse("datacenter:storage"), {"path": str(new), "move": "on"})
+    queued = clerk_client.post(reverse("datacenter:storage"), {"path": str(new), "move": "on"})
+    assert Job.objects.get().status == Job.QUEUED
+    assert current_datacenter().storage == files.storage
+    run_worker()
+    response = clerk_client.get(queued.url)
 
-    assert response.status_code == 200
-    assert response.context["not_moved"] == [
-        ("people.csv", "already exists in the new storage (overwrite is off)")
+    assert response.context["job"].status == Job.SUCCESS
+    assert response.context["job"].result["not_moved"] == [
+        ["people.csv", "already exists in the new storage (overwrite is off)"]
     ]
     assert b"people.csv" in response.content
     location = StorageLocation.objects.get()

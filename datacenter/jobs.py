@@ -1,0 +1,382 @@
+"""Long work of the data center as jobs: processing a file (or its dry run) and relocating
+the storage, recorded in the database and followed on the job's page.
+
+Small work runs at once, in the request: a file of at most DATACENTER_RUN_AT_ONCE_SIZE
+bytes, and a relocation that moves no files. Anything larger goes to the task worker.
+
+A processing job writes its outputs to a folder of its own in the storage (JOBS_FOLDER) and
+records, in the very transaction that commits its rows, that they are ready and where they go
+(the plan of the distribution). A job whose process died is recovered by the next one to look:
+a committed job has its distribution finished from that plan, any other is marked
+interrupted, having changed nothing (processing) or moved whole files only (relocation, which
+is finished by relocating to the same path again).
+
+Progress of processing is kept in a small file beside the outputs, because the rows'
+transaction holds the database (SQLite allows one writer at a time); progress of a relocation
+goes to the database, which it does not hold.
+"""
+
+import logging
+import os
+import shutil
+import time
+from datetime import UTC, datetime, timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from .models import Job, StorageLocation, current_datacenter
+from .processes import HOST, died_on_this_host
+from .processing import CHANGES_KEPT, ProcessingError, check_processing, process_file
+from .storage import JOBS_FOLDER, DataCenter, Distribution, StorageError
+
+log = logging.getLogger(__name__)
+
+#: How many failed rows a job keeps to show (all are in the pending file).
+ERRORS_KEPT = 1000
+PROGRESS_SECONDS = 0.5
+
+
+class JobInterrupted(Exception):
+    """The process carrying out a job died before the job ended."""
+
+
+# Starting jobs
+
+
+def start_processing(*, name: str, processor: str, mode: str, dry_run: bool, user) -> Job:
+    """Process (or try) the pending file `name`: at once when it is small, else queued.
+
+    Raises ProcessingError, StorageError or FileNotFoundError, before any job is recorded,
+    for a request that cannot work.
+    """
+    datacenter = current_datacenter()
+    check_processing(datacenter, name, processor, mode, user)
+    if relocating_job() is not None:
+        raise StorageError("The storage is being relocated; process the file when that ends.")
+    size = datacenter.get_file(name).size
+    job = Job.objects.create(
+        kind=Job.PROCESS,
+        user=user,
+        file_name=name,
+        processor=processor,
+        mode=mode,
+        dry_run=dry_run,
+    )
+    return _start(job, at_once=size <= settings.DATACENTER_RUN_AT_ONCE_SIZE)
+
+
+def start_relocation(*, path: str, move: bool, overwrite: bool, user) -> Job:
+    """Relocate the storage to `path`: at once without `move`, else queued.
+
+    Raises StorageError, before any job is recorded, for a path that cannot be used and
+    while other jobs are in progress (their files would move under their feet).
+    """
+    recover_jobs()
+    busy = list(Job.objects.filter(status__in=Job.IN_PROGRESS).values_list("pk", flat=True))
+    if busy:
+        numbers = ", ".join(f"#{pk}" for pk in busy)
+        raise StorageError(f"Jobs are in progress ({numbers}); relocate when they have ended.")
+    new_path = current_datacenter().check_new_storage_path(path)
+    job = Job.objects.create(
+        kind=Job.RELOCATE, user=user, path=new_path, move=move, overwrite=overwrite
+    )
+    return _start(job, at_once=not move)
+
+
+def _start(job: Job, *, at_once: bool) -> Job:
+    if at_once:
+        return run_job(job)
+    from .tasks import run_job_task
+
+    def enqueue():
+        result = run_job_task.enqueue(job.pk)
+        Job.objects.filter(pk=job.pk).update(task_id=str(result.id))
+
+    transaction.on_commit(enqueue)
+    return job
+
+
+# Carrying out jobs
+
+
+def run_job(job: Job) -> Job:
+    """Carry out a queued job in this process; a job that has begun elsewhere is left."""
+    recover_jobs()
+    now = timezone.now()
+    began = Job.objects.filter(pk=job.pk, status=Job.QUEUED).update(
+        status=Job.RUNNING, host=HOST, pid=os.getpid(), started=now, updated=now
+    )
+    job.refresh_from_db()
+    if not began:
+        return job
+    try:
+        if job.kind == Job.PROCESS:
+            _process(job)
+        else:
+            _relocate(job)
+    except Exception as exc:
+        if not isinstance(exc, ProcessingError | StorageError | FileNotFoundError):
+            log.exception("Job %s failed.", job.pk)
+        _failed(job, exc)
+    return job
+
+
+def _failed(job: Job, exc: Exception) -> None:
+    if isinstance(exc, ProcessingError | StorageError):
+        message = str(exc)
+    elif isinstance(exc, FileNotFoundError):
+        message = f"The file is gone: {exc.filename}."
+    else:
+        message = f"{type(exc).__name__}: {exc}"
+    if Job.objects.filter(pk=job.pk, status=Job.COMMITTED).exists():
+        # The rows are committed: their distribution must still happen. Without a process
+        # of its own, the job is finished by the next recover_jobs() of this host.
+        Job.objects.filter(pk=job.pk).update(pid=None, error=f"Distributing failed: {message}")
+        return
+    if job.kind == Job.PROCESS:
+        shutil.rmtree(job_folder(current_datacenter(), job), ignore_errors=True)
+    _end(job, Job.FAILED, error=message)
+
+
+def job_folder(datacenter: DataCenter, job: Job) -> str:
+    return os.path.join(datacenter.storage, JOBS_FOLDER, str(job.pk))
+
+
+def _process(job: Job) -> None:
+    if job.user is None:
+        raise ProcessingError("The account that started the job no longer exists.")
+    datacenter = current_datacenter()
+    file = datacenter.get_file(job.file_name)
+    Job.objects.filter(pk=job.pk).update(total=file.rows)
+    folder = job_folder(datacenter, job)
+    os.makedirs(folder, exist_ok=True)
+    progress = ProgressFile(folder)
+    output_dir = None if job.dry_run else os.path.join(folder, "outputs")
+
+    def on_commit(result, plan: Distribution) -> None:
+        # In the transaction of the rows: committed and "ready to distribute" are one step.
+        Job.objects.filter(pk=job.pk).update(
+            status=Job.COMMITTED,
+            done=result.total,
+            succeeded=result.succeeded,
+            failed=result.failed,
+            updated=timezone.now(),
+            result={
+                "plan": plan.as_dict(),
+                "outputs": output_dir,
+                "errors": result.errors[:ERRORS_KEPT],
+            },
+        )
+
+    result = process_file(
+        datacenter,
+        job.file_name,
+        job.processor,
+        job.mode,
+        user=job.user,
+        dry_run=job.dry_run,
+        progress=progress.rows,
+        output_dir=output_dir,
+        on_commit=on_commit,
+    )
+    job.done, job.succeeded, job.failed = result.total, result.succeeded, result.failed
+    job.result = {
+        "seconds": round(result.seconds, 3),
+        "errors": result.errors[:ERRORS_KEPT],
+        "finished_name": result.finished_file and os.path.basename(result.finished_file),
+        "pending_name": result.pending_file and os.path.basename(result.pending_file),
+    }
+    if job.dry_run:
+        job.result |= {
+            "changes": [
+                [change.line, change.action, change.key, change.fields]
+                for change in result.changes
+            ],
+            "change_counts": result.change_counts,
+            "changes_kept": CHANGES_KEPT,
+        }
+    shutil.rmtree(folder, ignore_errors=True)
+    _end(job, Job.SUCCESS)
+
+
+class ProgressFile:
+    """The rows done so far, in a file that the job's page reads, at most twice a second."""
+
+    NAME = "progress"
+
+    def __init__(self, folder: str):
+        self.path = os.path.join(folder, self.NAME)
+        self.written = 0.0
+
+    def rows(self, done: int) -> None:
+        if time.monotonic() - self.written < PROGRESS_SECONDS:
+            return
+        temp_path = f"{self.path}.new"
+        with open(temp_path, "w") as handle:
+            handle.write(str(done))
+        os.replace(temp_path, self.path)
+        self.written = time.monotonic()
+
+    @classmethod
+    def read(cls, folder: str) -> tuple[int, float] | None:
+        """(rows done, when written) or None when nothing was written."""
+        path = os.path.join(folder, cls.NAME)
+        try:
+            with open(path) as handle:
+                return int(handle.read() or 0), os.stat(path).st_mtime
+        except (OSError, ValueError):
+            return None
+
+
+def _relocate(job: Job) -> None:
+    claimed = StorageLocation.objects.filter(
+        Q(relocating__isnull=True) | ~Q(relocating__status__in=Job.IN_PROGRESS), pk=1
+    ).update(relocating=job)
+    if not claimed and not _location_created_for(job):
+        raise StorageError("Another relocation of the storage is in progress.")
+    try:
+        old = current_datacenter()
+        old_path = old.storage
+        written = 0.0
+
+        def progress(done: int, total: int) -> None:
+            nonlocal written
+            if time.monotonic() - written >= PROGRESS_SECONDS or done == total:
+                Job.objects.filter(pk=job.pk).update(
+                    done=done, total=total, updated=timezone.now()
+                )
+                written = time.monotonic()
+
+        not_moved = old.relocate(
+            job.path, move=job.move, overwrite=job.overwrite, progress=progress
+        )
+        StorageLocation.objects.filter(pk=1).update(
+            path=old.storage, changed=timezone.now(), changed_by=job.user
+        )
+    finally:
+        StorageLocation.objects.filter(pk=1, relocating=job).update(relocating=None)
+    old.log_action(
+        job.user,
+        "relocate",
+        f"{old_path} -> {old.storage}, move={job.move}, overwrite={job.overwrite}, "
+        f"not moved: {', '.join(sorted(not_moved)) or 'none'}",
+    )
+    job.refresh_from_db(fields=["done", "total"])
+    job.result = {
+        "old_path": old_path,
+        "new_path": old.storage,
+        "not_moved": sorted(not_moved.items()),
+    }
+    _end(job, Job.SUCCESS)
+
+
+def _location_created_for(job: Job) -> bool:
+    """Claim the storage for `job` by recording its location for the first time."""
+    _, created = StorageLocation.objects.get_or_create(
+        pk=1, defaults={"path": settings.DATACENTER_STORAGE_ROOT, "relocating": job}
+    )
+    return created
+
+
+def relocating_job() -> Job | None:
+    location = StorageLocation.objects.filter(pk=1, relocating__status__in=Job.IN_PROGRESS)
+    return Job.objects.filter(pk__in=location.values("relocating")).first()
+
+
+def _end(job: Job, status: str, error: str = "") -> None:
+    job.status, job.error, job.finished = status, error, timezone.now()
+    job.save(
+        update_fields=["status", "error", "finished", "done", "succeeded", "failed", "result"]
+    )
+
+
+# What the job's page shows
+
+
+def live_progress(job: Job) -> int:
+    """The rows or files done so far, read where the running job writes them."""
+    if job.kind == Job.PROCESS and job.status == Job.RUNNING:
+        written = ProgressFile.read(job_folder(current_datacenter(), job))
+        if written:
+            return written[0]
+    return job.done
+
+
+# Recovering jobs whose process died
+
+
+def recover_jobs() -> int:
+    """Finish or mark interrupted every job whose process died; return how many.
+
+    A job dies with its process on this host at once, on another host when it has given no
+    sign of life for DATACENTER_JOB_LEASE seconds.
+    """
+    recovered = 0
+    for job in Job.objects.filter(status__in=[Job.RUNNING, Job.COMMITTED]):
+        if not _is_dead(job):
+            continue
+        # Only one process recovers a job: the one that takes it over.
+        taken = Job.objects.filter(pk=job.pk, status=job.status, host=job.host, pid=job.pid)
+        if not taken.update(host=HOST, pid=os.getpid(), updated=timezone.now()):
+            continue
+        if job.status == Job.COMMITTED:
+            _finish_distribution(job)
+            log.warning("Job %s had committed; its results are now distributed.", job.pk)
+        else:
+            _interrupt(job)
+        recovered += 1
+    return recovered
+
+
+def _is_dead(job: Job) -> bool:
+    if died_on_this_host(job.host, job.pid):
+        return True
+    last = job.updated or job.started or job.created
+    if job.kind == Job.PROCESS:
+        written = ProgressFile.read(job_folder(current_datacenter(), job))
+        if written:
+            last = max(last, datetime.fromtimestamp(written[1], tz=UTC))
+    return timezone.now() - last > timedelta(seconds=settings.DATACENTER_JOB_LEASE)
+
+
+def _finish_distribution(job: Job) -> None:
+    plan = Distribution.from_dict(job.result["plan"])
+    outputs = job.result["outputs"]
+    plan.apply(os.path.join(outputs, "finished.csv"), os.path.join(outputs, "pending.csv"))
+    shutil.rmtree(os.path.dirname(outputs), ignore_errors=True)
+    job.refresh_from_db()
+    job.result = {
+        "errors": job.result["errors"],
+        "finished_name": os.path.basename(plan.finished_result),
+        "pending_name": plan.pending_result and os.path.basename(plan.pending_result),
+        "recovered": True,
+    }
+    _end(job, Job.SUCCESS)
+
+
+def _interrupt(job: Job) -> None:
+    reason = f"The process carrying it out (host {job.host or '?'}, process {job.pid}) died."
+    if job.kind == Job.PROCESS:
+        shutil.rmtree(job_folder(current_datacenter(), job), ignore_errors=True)
+        reason += " Nothing was changed; start it again."
+    elif job.move:
+        reason += (
+            " The storage is still at its old path; the files moved so far are at the new "
+            "one. Relocate to the same path again to move the rest."
+        )
+    StorageLocation.objects.filter(pk=1, relocating=job).update(relocating=None)
+    job.refresh_from_db()
+    _end(job, Job.INTERRUPTED, error=reason)
+    if job.task_id:
+        from django.tasks import TaskResultStatus
+        from django_tasks_db.models import DBTaskResult
+
+        DBTaskResult.objects.filter(id=job.task_id, status=TaskResultStatus.RUNNING).update(
+            status=TaskResultStatus.FAILED,
+            finished_at=timezone.now(),
+            exception_class_path=f"{__name__}.{JobInterrupted.__name__}",
+            traceback=f"{__name__}.{JobInterrupted.__name__}: {reason}\n",
+        )

@@ -761,6 +761,7 @@ def _move_tree(source_dir, dest_dir, overwrite, not_moved, prefix="", done=lambd
     """
     with os.scandir(source_dir) as scan:
         entries = sorted(scan, key=lambda entry: entry.name)
+    _remove_stale_copies(dest_dir, {entry.name for entry in entries})
     for entry in entries:
         name = prefix + entry.name
         if name == JOBS_FOLDER:
@@ -791,6 +792,21 @@ def _move_tree(source_dir, dest_dir, overwrite, not_moved, prefix="", done=lambd
         done(files)
 
 
+def _remove_stale_copies(dest_dir: str, names: set[str]) -> None:
+    """Remove the hidden partial copies (``.NAME.RANDOM.part``) of `names` in `dest_dir`
+    that a move cut off by a killed process left behind."""
+    with os.scandir(dest_dir) as scan:
+        for entry in scan:
+            if not (entry.name.startswith(".") and entry.name.endswith(".part")):
+                continue
+            if entry.name[1:-5].rpartition(".")[0] not in names:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+
+
 def _same_file(entry: os.DirEntry, dest: str) -> bool:
     return (
         entry.is_file(follow_symlinks=False)
@@ -803,7 +819,7 @@ def _same_file(entry: os.DirEntry, dest: str) -> bool:
 def _move_entry(source: str, dest: str) -> None:
     if os.path.islink(source):
         temp_path = os.path.join(
-            os.path.dirname(dest), f".{os.path.basename(dest)}.moving-{os.getpid()}"
+            os.path.dirname(dest), f".{os.path.basename(dest)}.moving-{os.getpid()}.part"
         )
         os.symlink(os.readlink(source), temp_path)
     else:
@@ -813,7 +829,9 @@ def _move_entry(source: str, dest: str) -> None:
 
 
 def _move_folder(source: str, dest: str) -> None:
-    temp_path = tempfile.mkdtemp(dir=os.path.dirname(dest), prefix=f".{os.path.basename(dest)}.")
+    temp_path = tempfile.mkdtemp(
+        dir=os.path.dirname(dest), prefix=f".{os.path.basename(dest)}.", suffix=".part"
+    )
     os.rmdir(temp_path)
     try:
         shutil.copytree(source, temp_path, symlinks=True)

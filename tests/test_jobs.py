@@ -1,0 +1,257 @@
+"""Jobs: processing and relocation carried out by the task worker, followed on their page,
+and what is left when the process carrying them out is killed."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from django.contrib.auth.hashers import make_password
+from django.contrib.auth.models import Group, Permission, User
+from django.urls import reverse
+
+from datacenter import jobs
+from datacenter.models import Job, StorageLocation, current_datacenter
+from datacenter.processing import process_file
+
+from .conftest import ROOT, kill_when, process_env, run_worker, start_manage, tree, write
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def manager(clerk):
+    """Staff who may process files and manage user accounts."""
+    clerk.user_permissions.add(*Permission.objects.filter(content_type__app_label="auth"))
+    return User.objects.get(pk=clerk.pk)  # without cached permissions
+
+
+def users_file(datacenter, name, count, start=0):
+    rows = "".join(f"user{n},user{n}@example.org\n" for n in range(start, start + count))
+    return write(os.path.join(datacenter.storage, name), "username,email\n" + rows)
+
+
+# What a dry run shows
+
+
+def test_a_dry_run_tells_per_row_what_would_change(datacenter, manager):
+    Group.objects.create(name="staff")
+    ann = User.objects.create(
+        username="ann", email="ann@example.org", first_name="Ann", password=make_password("old")
+    )
+    User.objects.create(username="bob", email="bob@example.org")
+    rows = (
+        "username,email,first_name,groups,password\n"
+        f"ann,ann@example.net,,staff,{make_password('new secret')}\n"
+        "bob,bob@example.org,,,\n"
+        "cy,cy@example.org,Cy,staff,\n"
+    )
+    write(os.path.join(datacenter.storage, "u.csv"), rows)
+    before = tree(datacenter.storage)
+
+    updated = process_file(datacenter, "u.csv", "users", "update", user=manager, dry_run=True)
+
+    assert updated.change_counts == {"update": 1, "unchanged": 1}
+    [change] = updated.changes
+    assert (change.line, change.action, change.key) == (2, "update", "ann")
+    assert change.fields == [
+        ("email", "ann@example.org", "ann@example.net"),
+        ("password", "(set)", "(new value)"),  # never the hash itself
+        ("groups", "", "staff"),
+    ]
+    assert [error[0] for error in updated.errors] == [4]  # cy does not exist yet
+    created = process_file(datacenter, "u.csv", "users", "create", user=manager, dry_run=True)
+    assert created.change_counts == {"create": 1}
+    assert created.changes[0].fields == [
+        ("email", "", "cy@example.org"),
+        ("first_name", "", "Cy"),
+        ("groups", "", "staff"),
+    ]
+    removed = process_file(datacenter, "u.csv", "users", "remove", user=manager, dry_run=True)
+    assert [(c.action, c.key) for c in removed.changes] == [("remove", "ann"), ("remove", "bob")]
+    ann.refresh_from_db()
+    assert (ann.email, list(ann.groups.all())) == ("ann@example.org", [])
+    assert tree(datacenter.storage) == before
+
+
+def test_the_dry_run_page_pages_its_changes(client, datacenter, manager, settings):
+    settings.DATACENTER_PAGE_SIZE = 10
+    users_file(datacenter, "many.csv", 25)
+    client.force_login(manager)
+
+    response = client.post(
+        reverse("datacenter:process", kwargs={"name": "many.csv"}),
+        {"processor": "users", "mode": "create", "step": "dry_run"},
+        follow=True,
+    )
+    last = client.get(response.redirect_chain[-1][0], {"page": 3})
+
+    assert b"25 would create a record" in response.content
+    assert [change[2] for change in last.context["changes"]] == [f"user{n}" for n in range(20, 25)]
+
+
+# Small work at once, large work in the worker
+
+
+def test_a_small_file_is_processed_at_once_and_a_large_one_by_the_worker(
+    client, datacenter, manager, settings, django_capture_on_commit_callbacks
+):
+    settings.DATACENTER_RUN_AT_ONCE_SIZE = 100
+    write(os.path.join(datacenter.storage, "small.csv"), "username\nann\n")
+    users_file(datacenter, "large.csv", 10)
+    client.force_login(manager)
+    choice = {"processor": "users", "mode": "create", "step": "process"}
+
+    small = client.post(reverse("datacenter:process", kwargs={"name": "small.csv"}), choice)
+    with django_capture_on_commit_callbacks() as queued:
+        large = client.post(reverse("datacenter:process", kwargs={"name": "large.csv"}), choice)
+
+    assert Job.objects.get(file_name="small.csv").status == Job.SUCCESS
+    assert User.objects.filter(username="ann").exists()
+    job = Job.objects.get(file_name="large.csv")
+    assert (job.status, len(queued)) == (Job.QUEUED, 1)
+    page = client.get(large.url)
+    assert b"No task worker has been heard from" in page.content
+    assert b'http-equiv="refresh"' in page.content
+    assert small.url != large.url
+
+
+def test_jobs_are_listed_for_viewers_and_hidden_from_strangers(
+    client, datacenter, manager, viewer, stranger
+):
+    write(os.path.join(datacenter.storage, "a.csv"), "username\nann\n")
+    job = jobs.start_processing(
+        name="a.csv", processor="users", mode="create", dry_run=True, user=manager
+    )
+    client.force_login(viewer)
+
+    listing = client.get(reverse("datacenter:jobs"))
+    page = client.get(job.get_absolute_url())
+
+    assert b"Dry run of a.csv (create, users)" in listing.content
+    assert page.context["job"].status == Job.SUCCESS
+    client.force_login(stranger)
+    assert client.get(reverse("datacenter:jobs")).status_code == 403
+    assert client.get(job.get_absolute_url()).status_code == 403
+
+
+def test_a_relocation_is_refused_while_other_jobs_are_in_progress(datacenter, manager, tmp_path):
+    users_file(datacenter, "a.csv", 1)
+    Job.objects.create(kind=Job.PROCESS, user=manager, file_name="a.csv", mode="create")
+
+    with pytest.raises(ValueError, match=r"Jobs are in progress \(#\d+\)"):
+        jobs.start_relocation(path=str(tmp_path / "new"), move=True, overwrite=False, user=manager)
+
+    assert not (tmp_path / "new").exists()
+
+
+# Killed processes
+
+
+def share_storage(datacenter):
+    """Tell processes started by the test where the storage is."""
+    StorageLocation.objects.update_or_create(pk=1, defaults={"path": datacenter.storage})
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_killed_while_processing_leaves_everything_as_it_was(datacenter, manager):
+    share_storage(datacenter)
+    users_file(datacenter, "big.csv", 40_000)
+    before = tree(datacenter.storage)
+    job = jobs.start_processing(
+        name="big.csv", processor="users", mode="create", dry_run=False, user=manager
+    )
+    worker = start_manage("task_worker", "--no-reload", "--interval", "0.1")
+
+    kill_when(worker, lambda: jobs.live_progress(Job.objects.get(pk=job.pk)) > 0)
+    assert Job.objects.get(pk=job.pk).status == Job.RUNNING
+    jobs.recover_jobs()
+
+    job.refresh_from_db()
+    assert job.status == Job.INTERRUPTED
+    assert "died" in job.error and "Nothing was changed" in job.error
+    assert not User.objects.filter(username__startswith="user").exists()
+    assert tree(datacenter.storage) == before  # no outputs left behind either
+    assert not os.listdir(os.path.join(datacenter.storage, ".jobs"))
+
+
+KILL_BEFORE_DISTRIBUTING = """
+import os, signal
+from datacenter import jobs
+from datacenter.models import Job
+from datacenter.storage import Distribution
+
+def killed(self, *args):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+Distribution.apply = killed
+jobs.run_job(Job.objects.get(pk={pk}))
+"""
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_job_killed_between_commit_and_distribution_is_distributed_on_recovery(
+    datacenter, manager
+):
+    share_storage(datacenter)
+    write(os.path.join(datacenter.storage, "staff.csv"), "username,email\nann,a@x.org\nbob,b@\n")
+    job = Job.objects.create(kind=Job.PROCESS, user=manager, file_name="staff.csv", mode="create")
+    job.processor = "users"
+    job.save()
+
+    killed = subprocess.run(
+        [sys.executable, "manage.py", "shell", "-c", KILL_BEFORE_DISTRIBUTING.format(pk=job.pk)],
+        cwd=ROOT,
+        env=process_env(),
+        capture_output=True,
+    )
+
+    assert killed.returncode == -9
+    job.refresh_from_db()
+    assert (job.status, job.succeeded, job.failed) == (Job.COMMITTED, 1, 1)
+    assert User.objects.filter(username="ann").exists()
+    assert datacenter.pending_files()[0].name == "staff.csv"  # not yet distributed
+
+    assert jobs.recover_jobs() == 1
+
+    job.refresh_from_db()
+    assert (job.status, job.result["recovered"]) == (Job.SUCCESS, True)
+    assert job.result["errors"] == [[3, "email: Enter a valid email address."]]
+    assert [f.name for f in datacenter.pending_files()] == ["staff.create.pending.csv"]
+    assert os.listdir(datacenter.unfinished_path) == ["staff.csv"]
+    finished = os.path.join(datacenter.finished_path, "staff.create.finished.csv")
+    with open(finished, "rb") as handle:
+        assert handle.read() == b"username,email\r\nann,a@x.org\r\n"
+    assert not os.listdir(os.path.join(datacenter.storage, ".jobs"))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_relocation_killed_half_way_is_finished_by_relocating_again(
+    datacenter, manager, tmp_path
+):
+    share_storage(datacenter)
+    for number in range(200):
+        data = f"n\n{number}\n".encode() + os.urandom(2 * 1024 * 1024)
+        write(os.path.join(datacenter.storage, f"f{number:03}.csv"), data)
+    expected = tree(datacenter.storage)
+    new = tmp_path / "new"
+    job = jobs.start_relocation(path=str(new), move=True, overwrite=False, user=manager)
+    worker = start_manage("task_worker", "--no-reload", "--interval", "0.1")
+
+    kill_when(worker, lambda: Job.objects.get(pk=job.pk).done > 0)
+    jobs.recover_jobs()
+
+    job.refresh_from_db()
+    assert job.status == Job.INTERRUPTED
+    assert "Relocate to the same path again" in job.error
+    assert current_datacenter().storage == datacenter.storage
+    assert StorageLocation.objects.get().relocating is None
+    again = jobs.start_relocation(path=str(new), move=True, overwrite=False, user=manager)
+    run_worker()
+
+    again.refresh_from_db()
+    assert (again.status, again.result["not_moved"]) == (Job.SUCCESS, [])
+    assert current_datacenter().storage == str(new)
+    moved = {name: data for name, data in tree(new).items() if not name.startswith("logs/")}
+    assert moved == {name: data for name, data in expected.items() if "logs/" not in name}
+    assert os.listdir(datacenter.storage) == []

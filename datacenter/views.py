@@ -163,10 +163,18 @@ def job(request, pk):
     if job.dry_run and job.status == Job.SUCCESS:
         context["changes"] = paginate(request, result.get("changes", []))
         context["change_counts"] = result.get("change_counts", {})
-        context["can_process"] = request.user.has_perm("datacenter.process_files") and any(
-            file.name == job.file_name for file in current_datacenter().pending_listing()
+        context["can_process"] = request.user.has_perm("datacenter.process_files") and (
+            _is_pending(job.file_name)
         )
     return render(request, "datacenter/job.html", context)
+
+
+def _is_pending(name: str) -> bool:
+    try:
+        current_datacenter().get_file(name)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 @datacenter_permission("upload_files")

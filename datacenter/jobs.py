@@ -28,7 +28,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from .models import Job, StorageLocation, current_datacenter
-from .processes import HOST, died_on_this_host
+from .processes import HOST, died_on_this_host, fail_running_task
 from .processing import CHANGES_KEPT, ProcessingError, check_processing, process_file
 from .storage import JOBS_FOLDER, DataCenter, Distribution, StorageError
 
@@ -52,11 +52,9 @@ def start_processing(*, name: str, processor: str, mode: str, dry_run: bool, use
     Raises ProcessingError, StorageError or FileNotFoundError, before any job is recorded,
     for a request that cannot work.
     """
-    datacenter = current_datacenter()
-    check_processing(datacenter, name, processor, mode, user)
-    if relocating_job() is not None:
+    file = check_processing(current_datacenter(), name, processor, mode, user)
+    if StorageLocation.objects.filter(pk=1, relocating__status__in=Job.IN_PROGRESS).exists():
         raise StorageError("The storage is being relocated; process the file when that ends.")
-    size = datacenter.get_file(name).size
     job = Job.objects.create(
         kind=Job.PROCESS,
         user=user,
@@ -65,7 +63,7 @@ def start_processing(*, name: str, processor: str, mode: str, dry_run: bool, use
         mode=mode,
         dry_run=dry_run,
     )
-    return _start(job, at_once=size <= settings.DATACENTER_RUN_AT_ONCE_SIZE)
+    return _start(job, at_once=file.size <= settings.DATACENTER_RUN_AT_ONCE_SIZE)
 
 
 def start_relocation(*, path: str, move: bool, overwrite: bool, user) -> Job:
@@ -281,11 +279,6 @@ def _location_created_for(job: Job) -> bool:
     return created
 
 
-def relocating_job() -> Job | None:
-    location = StorageLocation.objects.filter(pk=1, relocating__status__in=Job.IN_PROGRESS)
-    return Job.objects.filter(pk__in=location.values("relocating")).first()
-
-
 def _end(job: Job, status: str, error: str = "") -> None:
     job.status, job.error, job.finished = status, error, timezone.now()
     job.save(
@@ -370,13 +363,4 @@ def _interrupt(job: Job) -> None:
     StorageLocation.objects.filter(pk=1, relocating=job).update(relocating=None)
     job.refresh_from_db()
     _end(job, Job.INTERRUPTED, error=reason)
-    if job.task_id:
-        from django.tasks import TaskResultStatus
-        from django_tasks_db.models import DBTaskResult
-
-        DBTaskResult.objects.filter(id=job.task_id, status=TaskResultStatus.RUNNING).update(
-            status=TaskResultStatus.FAILED,
-            finished_at=timezone.now(),
-            exception_class_path=f"{__name__}.{JobInterrupted.__name__}",
-            traceback=f"{__name__}.{JobInterrupted.__name__}: {reason}\n",
-        )
+    fail_running_task(job.task_id, JobInterrupted, reason)

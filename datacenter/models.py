@@ -137,9 +137,3 @@ class Job(models.Model):
             return f"Relocate the storage to {self.path}{files}"
         action = "Dry run of" if self.dry_run else "Process"
         return f"{action} {self.file_name} ({self.mode}, {self.processor})"
-
-    @property
-    def percent(self) -> int | None:
-        if not self.total:
-            return None
-        return min(100, round(100 * self.done / self.total))

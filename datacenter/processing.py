@@ -9,7 +9,6 @@ are kept. Only after the transaction committed are the result files distributed.
 
 import copy
 import csv
-import fcntl
 import os
 import re
 import secrets
@@ -27,7 +26,7 @@ from django.core.exceptions import ValidationError
 from django.db import DatabaseError, connections, models, router, transaction
 from django.utils.module_loading import import_string
 
-from .storage import DataCenter, Distribution
+from .storage import DataCenter, DataCenterFile, Distribution, lock_open_file
 
 MODES = ("create", "update", "remove")
 ERROR_COLUMN = "--ERRORS--"
@@ -262,10 +261,10 @@ def process_file(
 
 def check_processing(
     datacenter: DataCenter, filename: str, processor: Processor | str, mode: str, user=None
-) -> None:
-    """Raise ProcessingError (FileNotFoundError for a missing file) for what would stop
-    process_file at once: a mode, a processor, a permission or a header row that does not
-    fit, so that a request is refused before it is queued."""
+) -> DataCenterFile:
+    """Return the file, or raise ProcessingError (FileNotFoundError for a missing file) for
+    what would stop process_file at once: a mode, a processor, a permission or a header row
+    that does not fit, so that a request is refused before it is queued."""
     processor, source = _allowed(datacenter, filename, processor, mode, user)
     with open(source.path, encoding="utf-8-sig", newline="") as handle:
         reader = csv.reader(handle)
@@ -273,6 +272,7 @@ def check_processing(
     problems = check_header(processor, header, mode) if header else ["The file is empty."]
     if problems:
         raise ProcessingError(" ".join(problems))
+    return source
 
 
 def _allowed(datacenter, filename, processor, mode, user):
@@ -298,20 +298,15 @@ def _allowed(datacenter, filename, processor, mode, user):
 def _claimed(handle, source) -> Iterator[None]:
     """Hold an exclusive lock on the open file for the whole run.
 
-    The lock goes with the process, so a crashed run never blocks the file. A file that was
-    replaced or moved while we waited for the lock has been processed by somebody else.
+    A file that was replaced or moved meanwhile has been processed by somebody else.
     """
     try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        same_file = lock_open_file(handle, source.path)
     except BlockingIOError:
         raise FileBusy(
             f"{source.name} is being processed by somebody else right now. "
             "Look at the pending and finished files when that run has ended."
         ) from None
-    try:
-        same_file = os.path.samestat(os.fstat(handle.fileno()), os.stat(source.path))
-    except FileNotFoundError:
-        same_file = False
     if not same_file:
         raise ProcessingError(f"{source.name} has been processed by somebody else meanwhile.")
     yield
@@ -452,7 +447,11 @@ class ModelProcessor(Processor):
             {row[self.key] for row in rows if row[self.key]}, field_name=self.key
         )
         related = self._related_objects(rows)
-        old_related = self._current_related(existing) if changes is not None else {}
+        if changes is not None:
+            old_related = self._current_related(existing)
+            labels = {
+                name: {pk: label for label, pk in ids.items()} for name, ids in related.items()
+            }
         errors, planned, seen = {}, [], set()
         for index, row in enumerate(rows):
             try:
@@ -463,7 +462,7 @@ class ModelProcessor(Processor):
             else:
                 if changes is not None:
                     changes[index] = self._change(
-                        row, mode, before, planned[-1], related, old_related
+                        row, mode, before, planned[-1], labels, old_related
                     )
         try:
             with transaction.atomic():
@@ -480,7 +479,7 @@ class ModelProcessor(Processor):
     #: Fields whose values a dry run does not show, only that they change.
     secret_fields: tuple[str, ...] = ()
 
-    def _change(self, row, mode, before, plan, related, old_related) -> Change:
+    def _change(self, row, mode, before, plan, labels, old_related) -> Change:
         """What a planned row does to its record, field by field."""
         _, instance, changed, many = plan
         key = row[self.key]
@@ -496,8 +495,7 @@ class ModelProcessor(Processor):
                     old, new = ("(set)" if old else ""), "(new value)"
                 fields.append((name, old, new))
         for name, ids in many.items():
-            by_id = {pk: label for label, pk in related[name].items()}
-            new = self.separator.join(sorted(by_id[pk] for pk in ids))
+            new = self.separator.join(sorted(labels[name][pk] for pk in ids))
             old = self.separator.join(sorted(old_related.get(name, {}).get(instance.pk, [])))
             if before is None and new or before is not None and old != new:
                 fields.append((name, old, new))

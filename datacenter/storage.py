@@ -85,6 +85,17 @@ def place_new_file(temp_path: str, path: str) -> None:
     os.unlink(temp_path)
 
 
+def lock_open_file(handle, path: str) -> bool:
+    """Lock the open file `handle` for this process (raising BlockingIOError while another
+    holds it) and return whether it is still the file at `path`, not replaced or moved
+    meanwhile. The lock goes with the process, so a killed holder never blocks the file."""
+    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
 def fsync_file(path: str) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
@@ -412,13 +423,13 @@ class DataCenter:
         file = self.get_file(name)
         with open(file.path, "rb") as handle:
             try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                current = lock_open_file(handle, file.path)
             except BlockingIOError:
                 raise StorageError(
                     f"{name} is being processed right now; nothing was changed. Try again "
                     "when that run has ended."
                 ) from None
-            if not os.path.samestat(os.fstat(handle.fileno()), os.stat(file.path)):
+            if not current:
                 raise StorageError(f"{name} was changed meanwhile; nothing was changed.")
             kept = self._into_deleted(file.path, name, os.link)
             os.replace(new_path, file.path)
@@ -770,11 +781,11 @@ def _move_tree(source_dir, dest_dir, overwrite, not_moved, prefix="", done=lambd
         source_is_dir = entry.is_dir(follow_symlinks=False)
         dest_exists = os.path.lexists(dest)
         dest_is_dir = os.path.isdir(dest) and not os.path.islink(dest)
-        files = _count_files(entry.path) if source_is_dir else 1
+        merged = source_is_dir and dest_is_dir  # its files are told one by one
+        files = 0 if merged else _count_files(entry.path) if source_is_dir else 1
         try:
-            if source_is_dir and dest_is_dir:
+            if merged:
                 _move_tree(entry.path, dest, overwrite, not_moved, name + "/", done)
-                files = 0  # told file by file
                 if not os.listdir(entry.path):
                     os.rmdir(entry.path)
             elif dest_exists and _same_file(entry, dest):

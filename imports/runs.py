@@ -23,11 +23,9 @@ from datetime import UTC, datetime, timedelta
 from django.conf import settings
 from django.db import connections, router, transaction
 from django.db.models import Q
-from django.tasks import TaskResultStatus
 from django.utils import timezone
-from django_tasks_db.models import DBTaskResult
 
-from datacenter.processes import HOST, died_on_this_host
+from datacenter.processes import HOST, died_on_this_host, fail_running_task
 
 from . import cds
 from .models import CdsSource, ImportedFile, ImportLogEntry, ImportRun
@@ -212,13 +210,7 @@ def mark_interrupted(run: ImportRun) -> bool:
     if not marked:
         return False
     ImportLogEntry.objects.create(run=run, time=now, level="ERROR", message=reason)
-    if run.task_id:
-        DBTaskResult.objects.filter(id=run.task_id, status=TaskResultStatus.RUNNING).update(
-            status=TaskResultStatus.FAILED,
-            finished_at=now,
-            exception_class_path=f"{__name__}.{RunInterrupted.__name__}",
-            traceback=f"{__name__}.{RunInterrupted.__name__}: {reason}\n",
-        )
+    fail_running_task(run.task_id, RunInterrupted, reason)
     return True
 
 

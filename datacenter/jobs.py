@@ -316,7 +316,12 @@ def recover_jobs() -> int:
         if not taken.update(host=HOST, pid=os.getpid(), updated=timezone.now()):
             continue
         if job.status == Job.COMMITTED:
-            _finish_distribution(job)
+            try:
+                _finish_distribution(job)
+            except OSError as exc:  # a full disk, say: tried again by the next recovery
+                log.exception("Distributing the results of job %s failed.", job.pk)
+                _failed(job, exc)
+                continue
             log.warning("Job %s had committed; its results are now distributed.", job.pk)
         else:
             _interrupt(job)

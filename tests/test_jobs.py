@@ -1,6 +1,7 @@
 """Jobs: processing and relocation carried out by the task worker, followed on their page,
 and what is left when the process carrying them out is killed."""
 
+import errno
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from django.urls import reverse
 from datacenter import jobs
 from datacenter.models import Job, StorageLocation, current_datacenter
 from datacenter.processing import process_file
+from datacenter.storage import Distribution
 
 from .conftest import ROOT, kill_when, process_env, run_worker, start_manage, tree, write
 
@@ -191,7 +193,7 @@ jobs.run_job(Job.objects.get(pk={pk}))
 
 @pytest.mark.django_db(transaction=True)
 def test_a_job_killed_between_commit_and_distribution_is_distributed_on_recovery(
-    datacenter, manager
+    datacenter, manager, monkeypatch
 ):
     share_storage(datacenter)
     write(os.path.join(datacenter.storage, "staff.csv"), "username,email\nann,a@x.org\nbob,b@\n")
@@ -211,6 +213,17 @@ def test_a_job_killed_between_commit_and_distribution_is_distributed_on_recovery
     assert (job.status, job.succeeded, job.failed) == (Job.COMMITTED, 1, 1)
     assert User.objects.filter(username="ann").exists()
     assert datacenter.pending_files()[0].name == "staff.csv"  # not yet distributed
+
+    # A recovery whose distribution fails (a full disk, say) leaves the job to the next one.
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Distribution, "apply", disk_full)
+        assert jobs.recover_jobs() == 0
+    job.refresh_from_db()
+    assert (job.status, job.pid) == (Job.COMMITTED, None)
+    assert job.error == "Distributing failed: OSError: [Errno 28] No space left on device"
 
     assert jobs.recover_jobs() == 1
 

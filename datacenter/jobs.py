@@ -1,19 +1,20 @@
-"""Long work of the data center as jobs: processing a file (or its dry run) and relocating
-the storage, recorded in the database and followed on the job's page.
+"""Long work of the data center as jobs: processing a file (or its dry run), relocating the
+storage and exporting records, recorded in the database and followed on the job's page.
 
 Small work runs at once, in the request: a file of at most DATACENTER_RUN_AT_ONCE_SIZE
-bytes, and a relocation that moves no files. Anything larger goes to the task worker.
+bytes, a relocation that moves no files, an export of at most
+DATACENTER_EXPORT_AT_ONCE_ROWS records. Anything larger goes to the task worker.
 
 A processing job writes its outputs to a folder of its own in the storage (JOBS_FOLDER) and
 records, in the very transaction that commits its rows, that they are ready and where they go
 (the plan of the distribution). A job whose process died is recovered by the next one to look:
 a committed job has its distribution finished from that plan, any other is marked
-interrupted, having changed nothing (processing) or moved whole files only (relocation, which
-is finished by relocating to the same path again).
+interrupted, having changed nothing (processing, export: its partial file is removed) or moved
+whole files only (relocation, which is finished by relocating to the same path again).
 
 Progress of processing is kept in a small file beside the outputs, because the rows'
 transaction holds the database (SQLite allows one writer at a time); progress of a relocation
-goes to the database, which it does not hold.
+or an export goes to the database, which they do not hold.
 """
 
 import logging
@@ -27,12 +28,17 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from . import exports
+from .exports import ExportError
 from .models import Job, StorageLocation, current_datacenter
 from .processes import HOST, died_on_this_host, fail_running_task
 from .processing import CHANGES_KEPT, ProcessingError, check_processing, process_file
 from .storage import JOBS_FOLDER, DataCenter, Distribution, StorageError
 
 log = logging.getLogger(__name__)
+
+#: Errors of a request that cannot work, whose message is for staff (no traceback logged).
+EXPECTED_ERRORS = (ProcessingError, StorageError, ExportError, FileNotFoundError)
 
 #: How many failed rows a job keeps to show (all are in the pending file).
 ERRORS_KEPT = 1000
@@ -84,6 +90,17 @@ def start_relocation(*, path: str, move: bool, overwrite: bool, user) -> Job:
     return _start(job, at_once=not move)
 
 
+def start_export(*, processor: str, user) -> Job:
+    """Export the records of `processor`: at once when they are few, else queued.
+
+    Raises ExportError, before any job is recorded, when `user` may not.
+    """
+    exporter = exports.check_export(processor, user)
+    job = Job.objects.create(kind=Job.EXPORT, user=user, processor=exporter.name)
+    at_once = exports.record_count(exporter) <= settings.DATACENTER_EXPORT_AT_ONCE_ROWS
+    return _start(job, at_once=at_once)
+
+
 def _start(job: Job, *, at_once: bool) -> Job:
     if at_once:
         return run_job(job)
@@ -111,19 +128,16 @@ def run_job(job: Job) -> Job:
     if not began:
         return job
     try:
-        if job.kind == Job.PROCESS:
-            _process(job)
-        else:
-            _relocate(job)
+        {Job.PROCESS: _process, Job.RELOCATE: _relocate, Job.EXPORT: _export}[job.kind](job)
     except Exception as exc:
-        if not isinstance(exc, ProcessingError | StorageError | FileNotFoundError):
+        if not isinstance(exc, EXPECTED_ERRORS):
             log.exception("Job %s failed.", job.pk)
         _failed(job, exc)
     return job
 
 
 def _failed(job: Job, exc: Exception) -> None:
-    if isinstance(exc, ProcessingError | StorageError):
+    if isinstance(exc, ProcessingError | StorageError | ExportError):
         message = str(exc)
     elif isinstance(exc, FileNotFoundError):
         message = f"The file is gone: {exc.filename}."
@@ -134,9 +148,15 @@ def _failed(job: Job, exc: Exception) -> None:
         # of its own, the job is finished by the next recover_jobs() of this host.
         Job.objects.filter(pk=job.pk).update(pid=None, error=f"Distributing failed: {message}")
         return
+    _remove_partial_work(job)
+    _end(job, Job.FAILED, error=message)
+
+
+def _remove_partial_work(job: Job) -> None:
     if job.kind == Job.PROCESS:
         shutil.rmtree(job_folder(current_datacenter(), job), ignore_errors=True)
-    _end(job, Job.FAILED, error=message)
+    elif job.kind == Job.EXPORT:
+        exports.remove_part(current_datacenter(), _part_name(job))
 
 
 def job_folder(datacenter: DataCenter, job: Job) -> str:
@@ -229,6 +249,46 @@ class ProgressFile:
             return None
 
 
+def _progress_in_database(job: Job):
+    """progress(done, total) that records the job's progress and sign of life, at most
+    twice a second (and at the end)."""
+    written = 0.0
+
+    def progress(done: int, total: int) -> None:
+        nonlocal written
+        if time.monotonic() - written >= PROGRESS_SECONDS or done == total:
+            Job.objects.filter(pk=job.pk).update(done=done, total=total, updated=timezone.now())
+            written = time.monotonic()
+
+    return progress
+
+
+def _part_name(job: Job) -> str:
+    return f".job-{job.pk}{exports.PART_SUFFIX}"
+
+
+def _export(job: Job) -> None:
+    if job.user is None:
+        raise ExportError("The account that started the job no longer exists.")
+    exporter = exports.check_export(job.processor, job.user)
+    datacenter = current_datacenter()
+    exports.remove_expired(datacenter)
+    total = exports.record_count(exporter)
+    progress = _progress_in_database(job)
+    file, count = exports.export_to_storage(
+        datacenter,
+        exporter,
+        part_name=_part_name(job),
+        progress=lambda done: progress(done, max(total, done)),
+    )
+    datacenter.log_action(
+        job.user, "export", f"{exporter.name}: {count} records -> {file.rel_path}"
+    )
+    job.done, job.file_name = count, file.name
+    job.result = {"size": file.get_size(), "records": count}
+    _end(job, Job.SUCCESS)
+
+
 def _relocate(job: Job) -> None:
     claimed = StorageLocation.objects.filter(
         Q(relocating__isnull=True) | ~Q(relocating__status__in=Job.IN_PROGRESS), pk=1
@@ -238,18 +298,8 @@ def _relocate(job: Job) -> None:
     try:
         old = current_datacenter()
         old_path = old.storage
-        written = 0.0
-
-        def progress(done: int, total: int) -> None:
-            nonlocal written
-            if time.monotonic() - written >= PROGRESS_SECONDS or done == total:
-                Job.objects.filter(pk=job.pk).update(
-                    done=done, total=total, updated=timezone.now()
-                )
-                written = time.monotonic()
-
         not_moved = old.relocate(
-            job.path, move=job.move, overwrite=job.overwrite, progress=progress
+            job.path, move=job.move, overwrite=job.overwrite, progress=_progress_in_database(job)
         )
         StorageLocation.objects.filter(pk=1).update(
             path=old.storage, changed=timezone.now(), changed_by=job.user
@@ -282,7 +332,10 @@ def _location_created_for(job: Job) -> bool:
 def _end(job: Job, status: str, error: str = "") -> None:
     job.status, job.error, job.finished = status, error, timezone.now()
     job.save(
-        update_fields=["status", "error", "finished", "done", "succeeded", "failed", "result"]
+        update_fields=[
+            *("status", "error", "finished", "done", "succeeded", "failed", "result"),
+            "file_name",
+        ]
     )
 
 
@@ -357,9 +410,11 @@ def _finish_distribution(job: Job) -> None:
 
 def _interrupt(job: Job) -> None:
     reason = f"The process carrying it out (host {job.host or '?'}, process {job.pid}) died."
+    _remove_partial_work(job)
     if job.kind == Job.PROCESS:
-        shutil.rmtree(job_folder(current_datacenter(), job), ignore_errors=True)
         reason += " Nothing was changed; start it again."
+    elif job.kind == Job.EXPORT:
+        reason += " No export was written; start it again."
     elif job.move:
         reason += (
             " The storage is still at its old path; the files moved so far are at the new "

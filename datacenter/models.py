@@ -30,6 +30,7 @@ class StorageLocation(models.Model):
             ("delete_files", "Can delete pending data center files"),
             ("process_files", "Can process pending data center files"),
             ("relocate_storage", "Can relocate the data center storage"),
+            ("export_records", "Can export records and download the exports"),
         ]
 
     def __str__(self):
@@ -71,10 +72,15 @@ class WorkerHeartbeat(models.Model):
 
 class Job(models.Model):
     """Long work of the data center (processing a file, its dry run, relocating the
-    storage), carried out by the task worker or at once, and followed on its page."""
+    storage, exporting records), carried out by the task worker or at once, and followed on
+    its page."""
 
-    PROCESS, RELOCATE = "process", "relocate"
-    KINDS = [(PROCESS, "process a file"), (RELOCATE, "relocate the storage")]
+    PROCESS, RELOCATE, EXPORT = "process", "relocate", "export"
+    KINDS = [
+        (PROCESS, "process a file"),
+        (RELOCATE, "relocate the storage"),
+        (EXPORT, "export records"),
+    ]
     QUEUED, RUNNING, COMMITTED = "queued", "running", "committed"
     SUCCESS, FAILED, INTERRUPTED = "success", "failed", "interrupted"
     STATUSES = [
@@ -91,6 +97,7 @@ class Job(models.Model):
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
     )
+    #: The file processed, or the export written.
     file_name = models.CharField(max_length=255, blank=True)
     processor = models.CharField(max_length=100, blank=True)
     mode = models.CharField(max_length=10, blank=True)
@@ -132,6 +139,8 @@ class Job(models.Model):
 
     @property
     def title(self) -> str:
+        if self.kind == self.EXPORT:
+            return f"Export the records of {self.processor}"
         if self.kind == self.RELOCATE:
             files = " with its files" if self.move else ""
             return f"Relocate the storage to {self.path}{files}"

@@ -111,6 +111,10 @@ class Processor:
             return self.key_columns + self.required_for_create
         return self.key_columns
 
+    def hidden_on_export(self) -> set[str]:
+        """The columns whose values an export leaves empty for this processor's user."""
+        return set()
+
     def apply_row(self, row: dict[str, str], mode: str) -> None:
         """Apply one row; raise RowError with a message for staff when it cannot be."""
         raise NotImplementedError
@@ -530,13 +534,22 @@ class ModelProcessor(Processor):
             raise RowError(f"{self.key} {key!r} exists already.")
         if mode != "create" and instance is None:
             raise RowError(f"There is no record with {self.key} {key!r}.")
+        refused, before = None, None
         if instance is not None:
-            self.check_existing(instance, mode)
+            try:
+                self.check_existing(instance, mode)
+            except RowError as exc:
+                if mode != "update":
+                    raise
+                # A row that changes nothing (a record as exported) may pass.
+                refused, before = exc, _values(instance)
         if mode == "remove":
             return instance, [], {}
         if instance is None:
             instance = self.model(**{self.key: key})
         changed, many = self._assign(instance, row, related)
+        if refused and self._changes_record(instance, before, changed, many):
+            raise refused
         self.prepare(instance, row, mode)
         exclude = set(self.related_by)
         if mode == "update":
@@ -547,6 +560,20 @@ class ModelProcessor(Processor):
         except ValidationError as exc:
             raise RowError(_validation_message(exc)) from None
         return instance, changed, many
+
+    def _changes_record(self, instance, before, changed, many) -> bool:
+        """Whether assigning a row changed a value of the existing `instance`."""
+        after = _values(instance)
+        if any(before[attname] != after[attname] for attname in changed):
+            return True
+        for name, ids in many.items():
+            field = self.model._meta.get_field(name)
+            current = field.remote_field.through.objects.filter(
+                **{f"{field.m2m_field_name()}_id": instance.pk}
+            ).values_list(f"{field.m2m_reverse_field_name()}_id", flat=True)
+            if sorted(current) != ids:
+                return True
+        return False
 
     def _assign(self, instance, row, related):
         changed, many = [], {}
@@ -689,7 +716,9 @@ class UserProcessor(ModelProcessor):
     """User accounts of django.contrib.auth, by username.
 
     New accounts get an unusable password unless the file gives a hashed one; clear-text
-    passwords are refused. Only a superuser's file changes or removes a superuser account.
+    passwords are refused. Only a superuser's file changes or removes a superuser account
+    (a row that changes nothing, as in an export, passes), and only a superuser's export
+    holds password hashes.
     """
 
     name = "users"
@@ -705,7 +734,10 @@ class UserProcessor(ModelProcessor):
 
     def prepare(self, instance, row, mode):
         password = row.get("password", "")
-        if password not in ("", IGNORE_MARKER, DELETE_MARKER):
+        # An unusable password, as Django stores an account without one, is kept as it is.
+        if password not in ("", IGNORE_MARKER, DELETE_MARKER) and not password.startswith(
+            UNUSABLE_PASSWORD_PREFIX
+        ):
             try:
                 identify_hasher(password)
             except ValueError:
@@ -716,6 +748,12 @@ class UserProcessor(ModelProcessor):
         elif mode == "create":
             # What set_unusable_password() stores, without its slow random choice per character.
             instance.password = UNUSABLE_PASSWORD_PREFIX + secrets.token_hex(20)
+
+    def hidden_on_export(self) -> set[str]:
+        # Password hashes are as good as passwords against a slow attacker.
+        if self.user is not None and not self.user.is_superuser:
+            return {"password"}
+        return set()
 
     def check_existing(self, instance, mode):
         # A clerk who may change users must not take over or lock out an administrator.

@@ -32,6 +32,8 @@ SUBFOLDERS = ("deleted", "finished", "graduated", "logs", "unfinished")
 ACTION_LOG = "datacenter.log"
 #: The hidden folder of the storage root where jobs keep their outputs until distributed.
 JOBS_FOLDER = ".jobs"
+#: The folder of exported records, made by the first export.
+EXPORTS_FOLDER = "exports"
 # A rotated log backup such as "datacenter.log.3".
 LOG_BACKUP_NAME = re.compile(r"^(?P<base>.+)\.(?P<number>\d+)$")
 
@@ -364,7 +366,7 @@ class DataCenter:
         if not folder:
             return root
         real = os.path.realpath(os.path.join(self.storage, folder))
-        if folder not in SUBFOLDERS or real != os.path.join(root, folder):
+        if folder not in (*SUBFOLDERS, EXPORTS_FOLDER) or real != os.path.join(root, folder):
             raise FileNotFoundError(errno.ENOENT, "No such folder", folder)
         return real
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
+from .emails import notify_upload
 from .storage import (
     DataCenter,
     DataCenterFile,
@@ -67,7 +68,8 @@ def save_upload(
     returned file's ``conversion`` says how ("" when stored as it came). Raises UploadError,
     leaving no file behind, when the name is taken in the root, ``finished/`` or
     ``unfinished/``, the file is larger than `max_size` bytes, is no well-formed CSV file with
-    a proper header, or cannot be written (a full disk). Records who uploaded it.
+    a proper header, or cannot be written (a full disk). Records who uploaded it and tells
+    the import managers (a mail that cannot be sent is logged, never fails the upload).
     """
     name = safe_filename(filename)
     _check_name_is_free(datacenter, name)
@@ -77,14 +79,11 @@ def save_upload(
             place_new_file(stored, os.path.join(datacenter.storage, name))
         except FileExistsError:
             raise UploadError(_name_taken(name, "the pending files")) from None
-    if user is not None:
-        from .models import Upload
-
-        Upload.objects.update_or_create(name=name, defaults={"uploaded_by": user})
     detail = f"{name} ({form.conversion})" if form.conversion else name
     datacenter.log_action(user, "upload", detail)
     file = datacenter.get_file(name)
     file.conversion = form.conversion
+    _recorded(datacenter, file, user, "uploaded")
     return file
 
 
@@ -101,15 +100,23 @@ def replace_upload(
             kept = datacenter.replace_file(name, stored)
         except StorageError as exc:
             raise UploadError(str(exc)) from None
-    if user is not None:
-        from .models import Upload
-
-        Upload.objects.update_or_create(name=name, defaults={"uploaded_by": user})
     conversion = f" ({form.conversion})" if form.conversion else ""
     datacenter.log_action(user, "replace", f"{name}{conversion}; old version deleted/{kept}")
     file = datacenter.get_file(name)
     file.conversion = form.conversion
+    _recorded(datacenter, file, user, "replaced")
     return file, kept
+
+
+def _recorded(datacenter: DataCenter, file: DataCenterFile, user, action: str) -> None:
+    """Record who uploaded `file` and tell the import managers; a program's upload (no
+    user, no database needed) is only logged."""
+    if user is None:
+        return
+    from .models import Upload
+
+    Upload.objects.update_or_create(name=file.name, defaults={"uploaded_by": user})
+    notify_upload(datacenter, file, user, action)
 
 
 @contextlib.contextmanager

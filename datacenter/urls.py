@@ -14,6 +14,8 @@ urlpatterns = [
     path("files/<str:name>/replace/", views.replace, name="replace"),
     path("jobs/", views.job_list, name="jobs"),
     path("jobs/<int:pk>/", views.job, name="job"),
+    path("exports/", views.export_list, name="exports"),
+    path("exports/<str:name>/download/", views.download_export, name="download_export"),
     path("finished/", views.finished, name="finished"),
     path(
         "finished/<str:name>/download/",

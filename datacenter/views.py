@@ -9,11 +9,12 @@ from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_http_methods, require_safe
 
-from . import editing, health, jobs
+from . import editing, exports, health, jobs
+from .exports import ExportError
 from .forms import LogSearchForm, ProcessForm, RelocateForm, ReplaceForm, UploadForm
 from .models import Job, Upload, current_datacenter
 from .processing import ProcessingError, mode_of_pending_file, processors
-from .storage import StorageError, read_csv_preview
+from .storage import EXPORTS_FOLDER, StorageError, read_csv_preview
 from .uploads import UploadError, replace_upload, save_upload
 
 PREVIEW_ROWS = 20
@@ -225,6 +226,39 @@ def replace(request, name):
             )
             return redirect("datacenter:preview", name=name)
     return render(request, "datacenter/replace.html", {"file": file, "form": form})
+
+
+@datacenter_permission("export_records")
+@require_http_methods(["GET", "POST"])
+def export_list(request):
+    """The exports in the storage, and the processors whose records can be exported."""
+    datacenter = current_datacenter()
+    if request.method == "POST":
+        try:
+            job = jobs.start_export(processor=request.POST.get("processor", ""), user=request.user)
+        except ExportError as exc:
+            messages.error(request, str(exc))
+        else:
+            return redirect(job)
+    exports.remove_expired(datacenter)
+    files = exports.export_files(datacenter)
+    for file in files:
+        file.expires = exports.expires(file)
+    exporters = [
+        (processor, request.user.has_perm(exports.export_permission(processor)))
+        for processor in exports.exportable()
+    ]
+    context = {"files": files, "exporters": exporters, "days": settings.DATACENTER_EXPORT_DAYS}
+    return render(request, "datacenter/exports.html", context)
+
+
+@datacenter_permission("export_records")
+@file_or_404
+def download_export(request, name):
+    datacenter = current_datacenter()
+    file = datacenter.get_file(name, EXPORTS_FOLDER)
+    datacenter.log_action(request.user, "download", file.rel_path)
+    return FileResponse(open(file.path, "rb"), as_attachment=True, filename=file.name)
 
 
 @datacenter_permission("view_files")

@@ -7,6 +7,7 @@ working development site on SQLite with all state kept in ``var/``.
 import os
 import secrets
 from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import dj_database_url
 
@@ -27,6 +28,52 @@ def env_list(name: str, default: str) -> list[str]:
 
 def env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
+
+
+def mailer_from_env() -> dict:
+    """The mailer of the environment: EMAIL_URL, else EMAIL_HOST and its companions, else
+    the console (mail is printed, never sent by accident).
+
+    EMAIL_URL is ``smtp://USER:PASSWORD@HOST:PORT`` (plain, or STARTTLS with ``?tls=true``),
+    ``smtp+tls://`` (STARTTLS, port 587), ``smtps://`` (TLS from the start, port 465) or
+    ``console://``.
+    """
+    console = {"BACKEND": "django.core.mail.backends.console.EmailBackend"}
+    url, host = os.environ.get("EMAIL_URL", ""), os.environ.get("EMAIL_HOST", "")
+    timeout = env_int("EMAIL_TIMEOUT", 10)
+    if url:
+        parts = urlsplit(url)
+        query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+        if parts.scheme == "console":
+            return console
+        if parts.scheme not in {"smtp", "smtp+tls", "smtps"}:
+            raise ValueError(f"EMAIL_URL: unknown scheme {parts.scheme!r}")
+        use_ssl = parts.scheme == "smtps" or query.get("ssl", "").lower() in {"1", "true"}
+        use_tls = parts.scheme == "smtp+tls" or query.get("tls", "").lower() in {"1", "true"}
+        default_port = 465 if use_ssl else 587 if use_tls else 25
+        options = {
+            "host": parts.hostname or "localhost",
+            "port": parts.port or default_port,
+            "username": unquote(parts.username or ""),
+            "password": unquote(parts.password or ""),
+            "use_ssl": use_ssl,
+            "use_tls": use_tls,
+        }
+    elif host:
+        options = {
+            "host": host,
+            "port": env_int("EMAIL_PORT", 25),
+            "username": os.environ.get("EMAIL_HOST_USER", ""),
+            "password": os.environ.get("EMAIL_HOST_PASSWORD", ""),
+            "use_ssl": env_bool("EMAIL_USE_SSL", False),
+            "use_tls": env_bool("EMAIL_USE_TLS", False),
+        }
+    else:
+        return console
+    return {
+        "BACKEND": "django.core.mail.backends.smtp.EmailBackend",
+        "OPTIONS": options | {"timeout": timeout},
+    }
 
 
 def secret_key() -> str:
@@ -172,6 +219,21 @@ CDS_CLAIM_LEASE = env_int("CDS_CLAIM_LEASE", 600)
 # stale when none did for DATACENTER_WORKER_STALE seconds.
 WORKER_HEARTBEAT_SECONDS = 15
 DATACENTER_WORKER_STALE = env_int("DATACENTER_WORKER_STALE", 120)
+
+# E-mail: the console by default (see mailer_from_env). Links in mails point to
+# DATACENTER_SITE_URL, since cron has no request to take the address from.
+MAILERS = {"default": mailer_from_env()}
+DEFAULT_FROM_EMAIL = SERVER_EMAIL = os.environ.get(
+    "DEFAULT_FROM_EMAIL", "Datacenter <datacenter@localhost>"
+)
+DATACENTER_SITE_URL = os.environ.get("DATACENTER_SITE_URL", "http://localhost:8000").rstrip("/")
+# The group whose members hear of every upload and, unless a source names its own
+# addresses, of the alerts of CDS sources.
+DATACENTER_MANAGERS_GROUP = os.environ.get("DATACENTER_MANAGERS_GROUP", "Import managers")
+# Exports of records: kept this many days in the storage's exports/ folder; an export of at
+# most DATACENTER_EXPORT_AT_ONCE_ROWS records runs at once, a larger one as a job.
+DATACENTER_EXPORT_DAYS = env_int("DATACENTER_EXPORT_DAYS", 7)
+DATACENTER_EXPORT_AT_ONCE_ROWS = env_int("DATACENTER_EXPORT_AT_ONCE_ROWS", 5000)
 
 LOGGING = {
     "version": 1,

@@ -31,6 +31,9 @@ class CdsSourceForm(forms.ModelForm):
             "passive",
             "parallel",
             "stable_after",
+            "alert_after_failures",
+            "alert_after_hours",
+            "alert_emails",
         ]
 
     def clean_password(self):
@@ -46,8 +49,9 @@ class CdsSourceForm(forms.ModelForm):
 @admin.register(CdsSource)
 class CdsSourceAdmin(admin.ModelAdmin):
     form = CdsSourceForm
-    list_display = ("name", "host", "port", "remote_dir", "spool_dir", "enabled")
+    list_display = ("name", "host", "port", "remote_dir", "spool_dir", "enabled", "alert_since")
     list_filter = ("enabled",)
+    readonly_fields = ("alert_since", "alert_reason")
     search_fields = ("name", "host")
     actions = ["run_now"]
 

@@ -3,6 +3,7 @@ from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.urls import reverse
+from django.utils import timezone
 
 from . import validation
 from .spool import FileStore
@@ -70,6 +71,34 @@ class CdsSource(models.Model):
         "only when its size stays the same between two listings and it is at least this many "
         "seconds old. Empty: off.",
     )
+    alert_after_failures = models.PositiveSmallIntegerField(
+        "alert after failed runs",
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="Send an alert when this many runs in a row failed. Empty: never.",
+    )
+    alert_after_hours = models.PositiveIntegerField(
+        "alert after hours without success",
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="Send an alert when no run succeeded for this many hours (runs that found "
+        "nothing to do count as successful). Empty: never.",
+    )
+    alert_emails = models.CharField(
+        "alert addresses",
+        max_length=1000,
+        blank=True,
+        validators=[validation.validate_email_list],
+        help_text="Comma-separated e-mail addresses for the alerts of this source. Empty: the "
+        "members of the import managers group.",
+    )
+    created = models.DateTimeField(default=timezone.now, editable=False)
+    # The state of the alert: bad since when and why, and whether people were told.
+    alert_since = models.DateTimeField(null=True, blank=True, editable=False)
+    alert_reason = models.TextField(blank=True, editable=False)
+    alerted = models.BooleanField(default=False, editable=False)
     # The claim of the run in progress, so that one source runs once at a time on any host.
     claimed_by = models.ForeignKey(
         "ImportRun", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"

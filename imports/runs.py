@@ -27,7 +27,7 @@ from django.utils import timezone
 
 from datacenter.processes import HOST, died_on_this_host, fail_running_task
 
-from . import cds
+from . import alerts, cds
 from .models import CdsSource, ImportedFile, ImportLogEntry, ImportRun
 
 log = logging.getLogger("imports.cds")
@@ -252,7 +252,8 @@ def run_import(
 ) -> ImportRun:
     """Import the new files of `source` now, recorded as `run` (a new one by default).
 
-    Ends at once as "busy" while another run of the source is in progress anywhere.
+    Ends at once as "busy" while another run of the source is in progress anywhere. Brings
+    the source's alert up to date at the end (see alerts.py).
     `progress(done, total)` may be called from the import's threads.
     """
     if run is None:
@@ -281,6 +282,8 @@ def run_import(
     finally:
         _current_run.reset(token)
         log.removeHandler(handler)
+    if run.status != ImportRun.BUSY:
+        alerts.check_source(source)
     return run
 
 

@@ -10,6 +10,7 @@ import re
 import ssl
 
 from django.core.exceptions import ValidationError
+from django.core.validators import validate_email
 
 HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 # Folders that must never be a spool, and trees no spool may lie inside.
@@ -93,3 +94,21 @@ def validate_ca_file(value: str) -> None:
         raise ValidationError(f"There is no file {value}.") from None
     except (OSError, ssl.SSLError, ValueError):
         raise ValidationError(f"{value} is not a PEM file of CA certificates.") from None
+
+
+def email_list(value: str) -> list[str]:
+    """The addresses of a comma-separated list, without blanks."""
+    return [address.strip() for address in value.split(",") if address.strip()]
+
+
+def validate_email_list(value: str) -> None:
+    wrong = []
+    for address in email_list(value):
+        try:
+            validate_email(address)
+        except ValidationError:
+            wrong.append(address)
+    if wrong:
+        raise ValidationError(
+            f"These are no e-mail addresses: {', '.join(wrong)}. Separate addresses by commas."
+        )

@@ -230,3 +230,34 @@ def certificate(tmp_path):
     from .servers import make_certificate
 
     return make_certificate(tmp_path)
+
+
+@pytest.fixture
+def smtp_server(settings):
+    """A real SMTP server on 127.0.0.1 that the site sends its mail to."""
+    from .smtp import SmtpServer
+
+    server = SmtpServer()
+    settings.MAILERS = {"default": server.mailer()}
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def managers(django_user_model):
+    """The import managers group with two members who have addresses, one who has none and
+    one who left."""
+    from django.contrib.auth.models import Group
+
+    group = Group.objects.create(name="Import managers")
+    for username, email, active in [
+        ("mia", "mia@example.org", True),
+        ("max", "max@example.org", True),
+        ("nomail", "", True),
+        ("gone", "gone@example.org", False),
+    ]:
+        user = django_user_model.objects.create_user(username=username, email=email)
+        user.is_active = active
+        user.save()
+        user.groups.add(group)
+    return group

@@ -1,0 +1,241 @@
+"""Exports of records: the records of a processor as CSV in exactly its columns, so that an
+exported file, edited and uploaded, processes in update mode (the round trip).
+
+Records are read a page at a time by primary key, so that memory stays flat whatever their
+number. An export is written to a hidden file and renamed to its name only when complete, in
+the storage's exports/ folder (or a file of the caller's); exports there are removed after
+DATACENTER_EXPORT_DAYS days.
+"""
+
+import contextlib
+import csv
+import os
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.utils import timezone
+
+from .processing import ModelProcessor, ProcessingError, get_processor, processors
+from .storage import (
+    EXPORTS_FOLDER,
+    DataCenter,
+    DataCenterFile,
+    fsync_file,
+    place_new_file,
+    unique_name,
+)
+
+PAGE_SIZE = 2000
+#: A hidden partial export not written to for this long belongs to a process that died.
+STALE_PART_SECONDS = 3600
+PART_SUFFIX = ".part"
+
+
+class ExportError(ValueError):
+    """An export that cannot be made; the message is meant for staff."""
+
+
+def exportable() -> list[ModelProcessor]:
+    """The registered processors whose records can be exported."""
+    return [p for p in processors().values() if isinstance(p, ModelProcessor)]
+
+
+def export_permission(processor: ModelProcessor) -> str:
+    meta = processor.model._meta
+    return f"{meta.app_label}.view_{meta.model_name}"
+
+
+def check_export(processor: ModelProcessor | str, user) -> ModelProcessor:
+    """The processor `processor` acting for `user` (None: a program, with every right), if
+    `user` may export its records; raise ExportError if not."""
+    if isinstance(processor, str):
+        try:
+            processor = get_processor(processor)
+        except ProcessingError as exc:
+            raise ExportError(str(exc)) from None
+    if not isinstance(processor, ModelProcessor):
+        raise ExportError(f"{processor.title} cannot export its records.")
+    if user is not None:
+        needed = ["datacenter.export_records", export_permission(processor)]
+        missing = [permission for permission in needed if not user.has_perm(permission)]
+        if missing:
+            raise ExportError(
+                f"You may not export {processor.title}: that needs the permission "
+                f"{' and '.join(missing)}."
+            )
+    return processor.for_user(user)
+
+
+def record_count(processor: ModelProcessor) -> int:
+    return processor.model._default_manager.count()
+
+
+def rows(processor: ModelProcessor) -> Iterator[list[str]]:
+    """The records of `processor`'s model as rows of its columns, by primary key.
+
+    Values are written as update mode reads them: yes/no as 1/0, many-to-many fields as the
+    names of their objects joined by the separator; the columns the processor hides from its
+    user are empty, which update mode reads as "leave as it is".
+    """
+    meta = processor.model._meta
+    fields = {name: meta.get_field(name) for name in processor.columns}
+    plain = [name for name, field in fields.items() if not field.many_to_many]
+    hidden = processor.hidden_on_export()
+    manager = processor.model._default_manager
+    last_pk = None
+    while True:
+        page = manager.order_by("pk")
+        if last_pk is not None:
+            page = page.filter(pk__gt=last_pk)
+        records = list(
+            page.values_list("pk", *(fields[name].attname for name in plain))[:PAGE_SIZE]
+        )
+        if not records:
+            return
+        related = {
+            name: _related_names(processor, name, [record[0] for record in records])
+            for name in processor.related_by
+        }
+        for pk, *values in records:
+            cells = dict(zip(plain, values, strict=True))
+            row = []
+            for name in processor.columns:
+                if name in hidden:
+                    row.append("")
+                elif name in related:
+                    row.append(processor.separator.join(sorted(related[name].get(pk, []))))
+                else:
+                    row.append(_cell(cells[name]))
+            yield row
+        last_pk = records[-1][0]
+
+
+def _related_names(processor: ModelProcessor, name: str, pks: list) -> dict:
+    field = processor.model._meta.get_field(name)
+    source = f"{field.m2m_field_name()}_id"
+    pairs = field.remote_field.through.objects.filter(**{f"{source}__in": pks}).values_list(
+        source, f"{field.m2m_reverse_field_name()}__{processor.related_by[name]}"
+    )
+    names: dict = {}
+    for pk, label in pairs:
+        names.setdefault(pk, []).append(str(label))
+    return names
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
+def write_csv(
+    processor: ModelProcessor, handle, progress: Callable[[int], None] | None = None
+) -> int:
+    """Write the header and every record of `processor` to the text file `handle`; return
+    the number of records. `progress(records)` is called after each page."""
+    writer = csv.writer(handle)
+    writer.writerow(processor.columns)
+    count = 0
+    for row in rows(processor):
+        writer.writerow(row)
+        count += 1
+        if progress and count % PAGE_SIZE == 0:
+            progress(count)
+    if progress:
+        progress(count)
+    return count
+
+
+def write_file(processor: ModelProcessor, path: str, progress=None) -> int:
+    """Export to the file `path` (replaced when it exists) through a hidden temporary file
+    beside it, so that `path` is never half-written; return the number of records."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return _written(processor, os.path.join(folder, f".{name}{PART_SUFFIX}"), progress, path)
+
+
+def export_to_storage(
+    datacenter: DataCenter, processor: ModelProcessor, *, part_name: str, progress=None
+) -> tuple[DataCenterFile, int]:
+    """Export to a new file named after the processor and the time in the storage's
+    exports/ folder, written as the hidden `part_name` first; return it and its records."""
+    os.makedirs(os.path.join(datacenter.storage, EXPORTS_FOLDER), exist_ok=True)
+    folder = datacenter.real_folder(EXPORTS_FOLDER)
+    name = f"{processor.name}-{timezone.localtime():%Y%m%d-%H%M%S}.csv"
+    part_path = os.path.join(folder, part_name)
+    count = _written(processor, part_path, progress)
+    try:
+        while True:
+            name = unique_name(folder, name)
+            try:
+                place_new_file(part_path, os.path.join(folder, name))
+            except FileExistsError:
+                continue  # taken meanwhile by another export
+            break
+    except BaseException:
+        remove_part(datacenter, part_name)
+        raise
+    return datacenter.get_file(name, EXPORTS_FOLDER), count
+
+
+def _written(processor, part_path: str, progress, final_path: str | None = None) -> int:
+    try:
+        with open(part_path, "w", encoding="utf-8", newline="") as handle:
+            count = write_csv(processor, handle, progress)
+        fsync_file(part_path)
+        if final_path:
+            os.replace(part_path, final_path)
+    except BaseException:
+        if os.path.exists(part_path):
+            os.unlink(part_path)
+        raise
+    return count
+
+
+def remove_part(datacenter: DataCenter, part_name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(datacenter.real_folder(EXPORTS_FOLDER), part_name))
+
+
+def export_files(datacenter: DataCenter) -> list[DataCenterFile]:
+    """The exports in the storage, newest first."""
+    try:
+        folder = datacenter.real_folder(EXPORTS_FOLDER)
+    except FileNotFoundError:
+        return []
+    files = [
+        DataCenterFile(entry.path, EXPORTS_FOLDER)
+        for entry in os.scandir(folder)
+        if entry.is_file(follow_symlinks=False)
+        and entry.name.endswith(".csv")
+        and not entry.name.startswith(".")
+    ]
+    return sorted(files, key=lambda file: (file.modified, file.name), reverse=True)
+
+
+def expires(file: DataCenterFile) -> datetime:
+    return file.modified + timedelta(days=settings.DATACENTER_EXPORT_DAYS)
+
+
+def remove_expired(datacenter: DataCenter, now: datetime | None = None) -> list[str]:
+    """Remove the exports older than DATACENTER_EXPORT_DAYS days, and partial ones that no
+    process writes any more; return the names of the exports removed."""
+    now = now or timezone.now()
+    removed = []
+    for file in export_files(datacenter):
+        if expires(file) <= now:
+            os.unlink(file.path)
+            datacenter.log_action(None, "expire", file.rel_path)
+            removed.append(file.name)
+    try:
+        folder = datacenter.real_folder(EXPORTS_FOLDER)
+    except FileNotFoundError:
+        return removed
+    for entry in os.scandir(folder):
+        stale = time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_PART_SECONDS
+        if entry.name.startswith(".") and entry.name.endswith(PART_SUFFIX) and stale:
+            os.unlink(entry.path)
+    return removed

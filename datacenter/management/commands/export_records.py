@@ -1,0 +1,45 @@
+import os
+import sys
+
+from django.core.management.base import BaseCommand, CommandError
+
+from datacenter import exports
+from datacenter.models import current_datacenter
+
+
+class Command(BaseCommand):
+    help = (
+        "Export the records of a processor as CSV in its columns, with every value (password "
+        "hashes too): to the storage's exports/ folder, to --output FILE (replaced when it "
+        "exists, never half-written) or to standard output with --output -."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("processor", metavar="PROCESSOR", help="the processor's name")
+        parser.add_argument("--output", metavar="FILE", help="the file to write; - for stdout")
+
+    def handle(self, *args, processor, output, **options):
+        try:
+            exporter = exports.check_export(processor, None)
+        except exports.ExportError as exc:
+            names = ", ".join(p.name for p in exports.exportable())
+            raise CommandError(f"{exc} Processors that export: {names}.") from None
+        datacenter = current_datacenter()
+        if output == "-":
+            count = exports.write_csv(exporter, sys.stdout)
+            sys.stdout.flush()
+            where = "standard output"
+        elif output:
+            try:
+                count = exports.write_file(exporter, output)
+            except OSError as exc:
+                raise CommandError(f"Cannot write {output}: {exc.strerror}.") from None
+            where = output
+        else:
+            exports.remove_expired(datacenter)
+            file, count = exports.export_to_storage(
+                datacenter, exporter, part_name=f".command-{os.getpid()}{exports.PART_SUFFIX}"
+            )
+            where = file.path
+        datacenter.log_action(None, "export", f"{exporter.name}: {count} records -> {where}")
+        self.stderr.write(f"Exported {count} records of {exporter.title} to {where}.")

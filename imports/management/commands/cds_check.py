@@ -1,0 +1,32 @@
+from django.core.management.base import BaseCommand, CommandError
+
+from imports.alerts import ALERT, RECOVERY, check_sources
+from imports.models import CdsSource
+from imports.runs import interrupt_dead_runs
+
+SENT = {ALERT: " (alert sent)", RECOVERY: " (recovery sent)", None: ""}
+
+
+class Command(BaseCommand):
+    help = (
+        "Check the alerts of CDS sources (every enabled one by default), for cron: a source "
+        "whose runs failed or stopped is reported once by e-mail, and once when it recovers."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("sources", nargs="*", metavar="SOURCE", help="source names")
+
+    def handle(self, *args, sources, **options):
+        known = set(CdsSource.objects.values_list("name", flat=True))
+        unknown = [name for name in sources if name not in known]
+        if unknown:
+            names = ", ".join(sorted(known)) or "none"
+            raise CommandError(f"Unknown source: {', '.join(unknown)} (known: {names}).")
+        interrupt_dead_runs()
+        for source, sent in check_sources(sources):
+            if source.alert_since:
+                since = f"{source.alert_since:%Y-%m-%d %H:%M}"
+                state = f"needs attention since {since}: {source.alert_reason}"
+            else:
+                state = "fine"
+            self.stdout.write(f"{source.name}: {state}{SENT[sent]}")

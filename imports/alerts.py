@@ -60,6 +60,7 @@ def problem(source: CdsSource, now: datetime) -> str | None:
 def check_source(source: CdsSource, *, now: datetime | None = None) -> str | None:
     """Bring the alert state of `source` up to date; return which mail went out, if any."""
     now = now or timezone.now()
+    source.refresh_from_db()
     reason = problem(source, now)
     this = CdsSource.objects.filter(pk=source.pk)
     if reason:
@@ -69,15 +70,16 @@ def check_source(source: CdsSource, *, now: datetime | None = None) -> str | Non
         if not this.filter(alerted=False).update(alerted=True):
             return None
         if not _send_alert(source):
-            this.update(alerted=False)
+            this.update(alerted=False)  # tried again at the next check
+            return None
         return ALERT
-    source.refresh_from_db()
     bad_since = source.alert_since
     this.update(alert_since=None, alert_reason="")
     if not this.filter(alerted=True).update(alerted=False):
         return None
     if not _send_recovery(source, bad_since, now):
         this.update(alerted=True)
+        return None
     return RECOVERY
 
 

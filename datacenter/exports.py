@@ -202,18 +202,23 @@ def remove_part(datacenter: DataCenter, part_name: str) -> None:
 
 def export_files(datacenter: DataCenter) -> list[DataCenterFile]:
     """The exports in the storage, newest first."""
-    try:
-        folder = datacenter.real_folder(EXPORTS_FOLDER)
-    except FileNotFoundError:
-        return []
     files = [
         DataCenterFile(entry.path, EXPORTS_FOLDER)
-        for entry in os.scandir(folder)
+        for entry in _entries(datacenter)
         if entry.is_file(follow_symlinks=False)
         and entry.name.endswith(".csv")
         and not entry.name.startswith(".")
     ]
     return sorted(files, key=lambda file: (file.modified, file.name), reverse=True)
+
+
+def _entries(datacenter: DataCenter) -> list[os.DirEntry]:
+    """The entries of the exports folder; none while it is missing (or a link)."""
+    try:
+        with os.scandir(datacenter.real_folder(EXPORTS_FOLDER)) as entries:
+            return list(entries)
+    except FileNotFoundError:
+        return []
 
 
 def expires(file: DataCenterFile) -> datetime:
@@ -230,11 +235,7 @@ def remove_expired(datacenter: DataCenter, now: datetime | None = None) -> list[
             os.unlink(file.path)
             datacenter.log_action(None, "expire", file.rel_path)
             removed.append(file.name)
-    try:
-        folder = datacenter.real_folder(EXPORTS_FOLDER)
-    except FileNotFoundError:
-        return removed
-    for entry in os.scandir(folder):
+    for entry in _entries(datacenter):
         stale = time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_PART_SECONDS
         if entry.name.startswith(".") and entry.name.endswith(PART_SUFFIX) and stale:
             os.unlink(entry.path)

@@ -222,3 +222,41 @@ def test_process_a_file_as_a_background_job_and_fix_two_rows_in_the_editor(
     assert datacenter.pending_files() == []
     page.get_by_role("link", name="Jobs", exact=True).click()
     expect(page.locator("#jobs tbody tr")).to_have_count(3)
+
+
+def test_export_edit_upload_and_a_dry_run_shows_only_the_edit(page, clerk, settings):
+    clerk.user_permissions.add(
+        *Permission.objects.filter(content_type__app_label="auth"),
+        Permission.objects.get(codename="export_records"),
+    )
+    User.objects.create(username="ann", email="ann@example.org", first_name="Ann")
+    User.objects.create(username="bob", email="bob@example.org", first_name="Bob")
+    settings.DATACENTER_EXPORT_AT_ONCE_ROWS = 1  # a job of the task worker
+    log_in(page, "clerk")
+
+    page.get_by_role("link", name="Exports").click()
+    page.get_by_role("row", name="User accounts").get_by_role("button", name="Export").click()
+    expect(page.locator("#job-status")).to_have_text("queued")
+    run_worker()
+    expect(page.locator("#export-result")).to_contain_text("3 records exported")
+    with page.expect_download() as download:
+        page.get_by_role("link", name="Download").click()
+    exported = download.value.path().read_text(encoding="utf-8")
+    assert exported.splitlines()[0] == (
+        "username,email,first_name,last_name,is_active,is_staff,groups,password"
+    )
+
+    page.get_by_role("link", name="Upload").click()
+    edited = exported.replace("bob@example.org,Bob,", "bob@example.org,Robert,")
+    page.get_by_label("CSV file").set_input_files(
+        files=[{"name": "users.csv", "mimeType": "text/csv", "buffer": edited.encode()}]
+    )
+    page.get_by_role("button", name="Upload").click()
+    page.get_by_role("row", name="users.csv").get_by_role("link", name="Process").click()
+    page.get_by_label("Mode").select_option("update")
+    page.get_by_role("button", name="Check and try (dry run)").click()
+
+    expect(page.locator("#change-counts")).to_contain_text("1 would update a record")
+    expect(page.locator("#change-counts")).to_contain_text("2 would change nothing")
+    expect(page.locator("#changes tbody tr")).to_have_count(1)
+    expect(page.locator("#changes")).to_contain_text("Robert")

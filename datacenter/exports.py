@@ -94,10 +94,7 @@ def rows(processor: ModelProcessor) -> Iterator[list[str]]:
         )
         if not records:
             return
-        related = {
-            name: _related_names(processor, name, [record[0] for record in records])
-            for name in processor.related_by
-        }
+        related = processor.related_names(record[0] for record in records)
         for pk, *values in records:
             cells = dict(zip(plain, values, strict=True))
             row = []
@@ -110,18 +107,6 @@ def rows(processor: ModelProcessor) -> Iterator[list[str]]:
                     row.append(_cell(cells[name]))
             yield row
         last_pk = records[-1][0]
-
-
-def _related_names(processor: ModelProcessor, name: str, pks: list) -> dict:
-    field = processor.model._meta.get_field(name)
-    source = f"{field.m2m_field_name()}_id"
-    pairs = field.remote_field.through.objects.filter(**{f"{source}__in": pks}).values_list(
-        source, f"{field.m2m_reverse_field_name()}__{processor.related_by[name]}"
-    )
-    names: dict = {}
-    for pk, label in pairs:
-        names.setdefault(pk, []).append(str(label))
-    return names
 
 
 def _cell(value) -> str:

@@ -452,7 +452,7 @@ class ModelProcessor(Processor):
         )
         related = self._related_objects(rows)
         if changes is not None:
-            old_related = self._current_related(existing)
+            old_related = self.related_names(instance.pk for instance in existing.values())
             labels = {
                 name: {pk: label for label, pk in ids.items()} for name, ids in related.items()
             }
@@ -507,14 +507,15 @@ class ModelProcessor(Processor):
             return Change(0, "create", key, fields)
         return Change(0, "update" if fields else "unchanged", key, fields)
 
-    def _current_related(self, existing) -> dict[str, dict[int, list[str]]]:
-        """The names of the related objects of `existing` records, by field and record."""
+    def related_names(self, pks) -> dict[str, dict[int, list[str]]]:
+        """The names of the related objects of the records `pks`, by field and record: one
+        query per many-to-many field."""
         current = {}
         for name, attribute in self.related_by.items():
             field = self.model._meta.get_field(name)
             source = f"{field.m2m_field_name()}_id"
             pairs = field.remote_field.through.objects.filter(
-                **{f"{source}__in": [instance.pk for instance in existing.values()]}
+                **{f"{source}__in": list(pks)}
             ).values_list(source, f"{field.m2m_reverse_field_name()}__{attribute}")
             current[name] = {}
             for pk, label in pairs:

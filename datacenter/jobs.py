@@ -59,8 +59,7 @@ def start_processing(*, name: str, processor: str, mode: str, dry_run: bool, use
     for a request that cannot work.
     """
     file = check_processing(current_datacenter(), name, processor, mode, user)
-    if StorageLocation.objects.filter(pk=1, relocating__status__in=Job.IN_PROGRESS).exists():
-        raise StorageError("The storage is being relocated; process the file when that ends.")
+    _refuse_while_relocating("process the file")
     job = Job.objects.create(
         kind=Job.PROCESS,
         user=user,
@@ -93,12 +92,19 @@ def start_relocation(*, path: str, move: bool, overwrite: bool, user) -> Job:
 def start_export(*, processor: str, user) -> Job:
     """Export the records of `processor`: at once when they are few, else queued.
 
-    Raises ExportError, before any job is recorded, when `user` may not.
+    Raises ExportError, before any job is recorded, when `user` may not, and StorageError
+    while the storage is being relocated.
     """
     exporter = exports.check_export(processor, user)
+    _refuse_while_relocating("export")
     job = Job.objects.create(kind=Job.EXPORT, user=user, processor=exporter.name)
     at_once = exports.record_count(exporter) <= settings.DATACENTER_EXPORT_AT_ONCE_ROWS
     return _start(job, at_once=at_once)
+
+
+def _refuse_while_relocating(action: str) -> None:
+    if StorageLocation.objects.filter(pk=1, relocating__status__in=Job.IN_PROGRESS).exists():
+        raise StorageError(f"The storage is being relocated; {action} when that ends.")
 
 
 def _start(job: Job, *, at_once: bool) -> Job:

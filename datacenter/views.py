@@ -236,7 +236,7 @@ def export_list(request):
     if request.method == "POST":
         try:
             job = jobs.start_export(processor=request.POST.get("processor", ""), user=request.user)
-        except ExportError as exc:
+        except (ExportError, StorageError) as exc:
             messages.error(request, str(exc))
         else:
             return redirect(job)

@@ -15,6 +15,7 @@ from django.urls import reverse
 from datacenter import exports, jobs
 from datacenter.models import Job, StorageLocation
 from datacenter.processing import process_file
+from datacenter.storage import StorageError
 from datacenter.uploads import save_upload
 
 from .conftest import kill_when, run_worker, start_manage
@@ -271,3 +272,12 @@ def test_a_worker_killed_while_exporting_leaves_no_file(exporter, datacenter, se
     assert job.status == Job.INTERRUPTED
     assert "No export was written; start it again." in job.error
     assert os.listdir(os.path.join(datacenter.storage, "exports")) == []
+
+
+def test_no_export_starts_while_the_storage_is_being_relocated(exporter, datacenter):
+    moving = Job.objects.create(kind=Job.RELOCATE, status=Job.RUNNING, path="/srv/new")
+    StorageLocation.objects.create(pk=1, path=datacenter.storage, relocating=moving)
+
+    with pytest.raises(StorageError, match="being relocated; export when that ends"):
+        jobs.start_export(processor="users", user=exporter)
+    assert list(Job.objects.all()) == [moving]

@@ -23,7 +23,10 @@ class Command(BaseCommand):
             names = ", ".join(sorted(known)) or "none"
             raise CommandError(f"Unknown source: {', '.join(unknown)} (known: {names}).")
         interrupt_dead_runs()
-        for source, sent in check_sources(sources):
+        checked = check_sources(sources)
+        if not checked:
+            self.stdout.write("No enabled sources to check.")
+        for source, sent in checked:
             if source.alert_since:
                 since = f"{source.alert_since:%Y-%m-%d %H:%M}"
                 state = f"needs attention since {since}: {source.alert_reason}"

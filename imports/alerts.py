@@ -41,7 +41,7 @@ def problem(source: CdsSource, now: datetime) -> str | None:
             failed = failed.filter(finished__gt=last_success)
         count = failed.count()
         if count >= source.alert_after_failures:
-            return f"The last {count} runs failed."
+            return "The last run failed." if count == 1 else f"The last {count} runs failed."
     if source.alert_after_hours and now - (last_success or source.created) > timedelta(
         hours=source.alert_after_hours
     ):

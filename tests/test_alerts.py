@@ -164,6 +164,9 @@ def test_a_source_names_its_own_addresses(source, managers, smtp_server):
     run_import(source, trigger="cron")
 
     assert smtp_server.envelopes[0].rcpt_tos == ["ops@example.org", "partner-desk@example.org"]
+    assert smtp_server.received[0]["Subject"] == (
+        "[Datacenter] CDS source partner: The last run failed."
+    )
 
 
 def test_alert_addresses_are_checked(source):

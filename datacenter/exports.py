@@ -23,8 +23,7 @@ from .storage import (
     DataCenter,
     DataCenterFile,
     fsync_file,
-    place_new_file,
-    unique_name,
+    place_under_free_name,
 )
 
 PAGE_SIZE = 2000
@@ -153,13 +152,7 @@ def export_to_storage(
     part_path = os.path.join(folder, part_name)
     count = _written(processor, part_path, progress)
     try:
-        while True:
-            name = unique_name(folder, name)
-            try:
-                place_new_file(part_path, os.path.join(folder, name))
-            except FileExistsError:
-                continue  # taken meanwhile by another export
-            break
+        name = place_under_free_name(part_path, folder, name)
     except BaseException:
         remove_part(datacenter, part_name)
         raise

@@ -87,6 +87,20 @@ def place_new_file(temp_path: str, path: str) -> None:
     os.unlink(temp_path)
 
 
+def place_under_free_name(
+    path: str, folder: str, name: str, place: Callable[[str, str], None] = place_new_file
+) -> str:
+    """Put `path` into `folder` as `name` or, when taken, as unique_name() finds; return the
+    name. `place(path, target)` raises FileExistsError rather than replace a file."""
+    while True:
+        target = unique_name(folder, name)
+        try:
+            place(path, os.path.join(folder, target))
+        except FileExistsError:
+            continue  # another process took the name in the meantime
+        return target
+
+
 def lock_open_file(handle, path: str) -> bool:
     """Lock the open file `handle` for this process (raising BlockingIOError while another
     holds it) and return whether it is still the file at `path`, not replaced or moved
@@ -438,13 +452,7 @@ class DataCenter:
         return kept
 
     def _into_deleted(self, path: str, name: str, place: Callable[[str, str], None]) -> str:
-        while True:
-            target = unique_name(self.deleted_path, name)
-            try:
-                place(path, os.path.join(self.deleted_path, target))
-            except FileExistsError:
-                continue  # another process took the name in the meantime
-            return target
+        return place_under_free_name(path, self.deleted_path, name, place)
 
     # The action log
 

@@ -83,6 +83,10 @@ def upload(request):
 @datacenter_permission("view_files")
 @file_or_404
 def download(request, name, folder=""):
+    return _logged_download(request, name, folder)
+
+
+def _logged_download(request, name: str, folder: str) -> FileResponse:
     datacenter = current_datacenter()
     file = datacenter.get_file(name, folder)
     datacenter.log_action(request.user, "download", file.rel_path)
@@ -255,10 +259,7 @@ def export_list(request):
 @datacenter_permission("export_records")
 @file_or_404
 def download_export(request, name):
-    datacenter = current_datacenter()
-    file = datacenter.get_file(name, EXPORTS_FOLDER)
-    datacenter.log_action(request.user, "download", file.rel_path)
-    return FileResponse(open(file.path, "rb"), as_attachment=True, filename=file.name)
+    return _logged_download(request, name, EXPORTS_FOLDER)
 
 
 @datacenter_permission("view_files")

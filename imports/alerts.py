@@ -31,6 +31,8 @@ ALERT, RECOVERY = "alert", "recovery"
 
 def problem(source: CdsSource, now: datetime) -> str | None:
     """Why `source` is bad at `now`, in words, or None when it is fine."""
+    if not (source.alert_after_failures or source.alert_after_hours):
+        return None
     runs = source.runs.filter(finished__isnull=False, finished__lte=now)
     last_success = (
         runs.filter(status__in=SUCCEEDED).order_by("-finished").values_list("finished", flat=True)
@@ -73,6 +75,8 @@ def check_source(source: CdsSource, *, now: datetime | None = None) -> str | Non
             this.update(alerted=False)  # tried again at the next check
             return None
         return ALERT
+    if source.alert_since is None and not source.alerted:
+        return None  # fine, and nothing to take back: no write on every good run
     bad_since = source.alert_since
     this.update(alert_since=None, alert_reason="")
     if not this.filter(alerted=True).update(alerted=False):
@@ -81,17 +85,6 @@ def check_source(source: CdsSource, *, now: datetime | None = None) -> str | Non
         this.update(alerted=True)
         return None
     return RECOVERY
-
-
-def check_sources(names: list[str] | None = None) -> list[tuple[CdsSource, str | None]]:
-    """Check the sources named (all enabled ones by default); return each with the mail
-    that went out."""
-    sources = (
-        CdsSource.objects.filter(name__in=names)
-        if names
-        else CdsSource.objects.filter(enabled=True)
-    )
-    return [(source, check_source(source)) for source in sources]
 
 
 def recipients(source: CdsSource) -> list[str]:

@@ -1,6 +1,7 @@
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand
 
-from imports.alerts import ALERT, RECOVERY, check_sources
+from imports.alerts import ALERT, RECOVERY, check_source
+from imports.management.commands.cds_import import named_sources
 from imports.models import CdsSource
 from imports.runs import interrupt_dead_runs
 
@@ -17,13 +18,9 @@ class Command(BaseCommand):
         parser.add_argument("sources", nargs="*", metavar="SOURCE", help="source names")
 
     def handle(self, *args, sources, **options):
-        known = set(CdsSource.objects.values_list("name", flat=True))
-        unknown = [name for name in sources if name not in known]
-        if unknown:
-            names = ", ".join(sorted(known)) or "none"
-            raise CommandError(f"Unknown source: {', '.join(unknown)} (known: {names}).")
+        selected = named_sources(sources) if sources else CdsSource.objects.filter(enabled=True)
         interrupt_dead_runs()
-        checked = check_sources(sources)
+        checked = [(source, check_source(source)) for source in selected]
         if not checked:
             self.stdout.write("No enabled sources to check.")
         for source, sent in checked:

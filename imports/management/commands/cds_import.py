@@ -54,12 +54,7 @@ class Command(BaseCommand):
             raise CommandError("Name one or more sources, or give --all for every enabled one.")
         if all_enabled:
             return list(CdsSource.objects.filter(enabled=True))
-        sources = {source.name: source for source in CdsSource.objects.filter(name__in=names)}
-        unknown = [name for name in names if name not in sources]
-        if unknown:
-            known = ", ".join(CdsSource.objects.values_list("name", flat=True)) or "none"
-            raise CommandError(f"Unknown source: {', '.join(unknown)} (known: {known}).")
-        return [sources[name] for name in names]
+        return named_sources(names)
 
     def progress_bar(self):
         if not self.stdout.isatty():
@@ -75,3 +70,13 @@ class Command(BaseCommand):
             self.stdout.flush()
 
         return show
+
+
+def named_sources(names: list[str]) -> list[CdsSource]:
+    """The sources `names` in their order; CommandError naming those that do not exist."""
+    sources = {source.name: source for source in CdsSource.objects.filter(name__in=names)}
+    unknown = [name for name in names if name not in sources]
+    if unknown:
+        known = ", ".join(CdsSource.objects.values_list("name", flat=True)) or "none"
+        raise CommandError(f"Unknown source: {', '.join(unknown)} (known: {known}).")
+    return [sources[name] for name in names]

@@ -18,7 +18,7 @@ import json
 import os
 import uuid
 
-from datacenter.storage import check_file_name, place_new_file
+from datacenter.storage import check_file_name, place_new_file, place_under_free_name
 
 FOLDERS = ("tmp", "new", "cur")
 PARTIAL_SUFFIX, JOURNAL_SUFFIX = ".part", ".journal"
@@ -177,16 +177,26 @@ class FileStore:
             candidate, number = f"{name}.{number}", number + 1
         return candidate
 
-    # Records of the locks we hold on the server. Whether a lock there is our own is known
-    # from these alone: many drop boxes let us write and delete a file but never read it back.
+    def archive(self, name: str) -> str:
+        """Move ``new/NAME`` to ``cur/``, under a free name when `name` is taken there, and
+        make both folders durable; returns the name in ``cur/``."""
+        source = self.path_of("new", name)
+        final = place_under_free_name(source, self.real_folder("cur"), name)
+        sync_folder(self.folder("cur"))
+        sync_folder(self.folder("new"))
+        return final
 
-    def _lock_record_path(self, lock: str) -> str:
-        return os.path.join(self.path, f".{lock}.lock.json")
+    # Records of what we do on the server that a crash must not make us forget: the locks
+    # we hold (whether a lock there is our own is known from these alone, as many drop boxes
+    # let us write and delete a file but never read it back) and the upload in progress.
 
-    def lock_record(self, lock: str) -> dict | None:
-        """What we recorded of holding `lock` on the server, or None."""
+    def _record_path(self, key: str) -> str:
+        return os.path.join(self.path, f".{key}.json")
+
+    def record(self, key: str) -> dict | None:
+        """The record `key`, or None."""
         try:
-            with open(self._lock_record_path(lock)) as handle:
+            with open(self._record_path(key)) as handle:
                 record = json.load(handle)
         except FileNotFoundError:
             return None
@@ -194,9 +204,9 @@ class FileStore:
             return {}  # a record cut short by a crash: ours, with nothing known about it
         return record if isinstance(record, dict) else {}
 
-    def write_lock_record(self, lock: str, record: dict) -> None:
-        """Durably record that we are about to hold `lock` on the server."""
-        path = self._lock_record_path(lock)
+    def write_record(self, key: str, record: dict) -> None:
+        """Durably replace the record `key`."""
+        path = self._record_path(key)
         temp_path = f"{path}.tmp"
         with open(temp_path, "w") as handle:
             json.dump(record, handle)
@@ -205,9 +215,20 @@ class FileStore:
         os.replace(temp_path, path)
         sync_folder(self.path)
 
-    def remove_lock_record(self, lock: str) -> None:
+    def remove_record(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._lock_record_path(lock))
+            os.unlink(self._record_path(key))
+
+    def lock_record(self, lock: str) -> dict | None:
+        """What we recorded of holding `lock` on the server, or None."""
+        return self.record(f"{lock}.lock")
+
+    def write_lock_record(self, lock: str, record: dict) -> None:
+        """Durably record that we are about to hold `lock` on the server."""
+        self.write_record(f"{lock}.lock", record)
+
+    def remove_lock_record(self, lock: str) -> None:
+        self.remove_record(f"{lock}.lock")
 
 
 def _is_journal(name: str) -> bool:

@@ -1,10 +1,11 @@
-"""One small client interface over the servers partners run: FTP and explicit FTPS.
+"""One small client interface over the servers partners run: FTP, explicit FTPS and SFTP.
 
-A transport is logged in and in its exchange directory once opened; the CDS protocol code calls
-only ``list``, ``retrieve``, ``store``, ``rename``, ``delete`` and ``close``. File names are the
-server's bytes: a name is fetched and removed by exactly the bytes the server listed, whatever
-they decode to. The server's error replies are raised as PermanentError (5xx) and
-TemporaryError (4xx); a broken or timed-out connection as OSError or EOFError.
+A transport is logged in once opened; the CDS protocol code calls only ``cwd``, ``list``,
+``size``, ``retrieve``, ``store``, ``rename``, ``delete``, ``delete_many`` and ``close``. File
+names are the server's bytes: a name is fetched and removed by exactly the bytes the server
+listed, whatever they decode to. The server's refusals are raised as PermanentError (FTP's 5xx,
+SFTP's error statuses) and TemporaryError (FTP's 4xx); a broken or timed-out connection as
+OSError or EOFError.
 """
 
 import codecs
@@ -17,7 +18,7 @@ from io import BytesIO
 from typing import BinaryIO
 
 CHUNK_SIZE = 256 * 1024
-PROTOCOLS = ("ftp", "ftps")
+PROTOCOLS = ("ftp", "ftps", "sftp")
 # ftplib speaks str on the control connection; Latin-1 maps every byte to one character and
 # back, so the server's bytes pass through unchanged.
 WIRE = "latin-1"
@@ -37,6 +38,27 @@ class TemporaryError(Exception):
 
 
 SERVER_ERRORS = (PermanentError, TemporaryError, ftplib.Error)
+
+
+class HostKeyError(Exception):
+    """An SSH server showed a host key other than the pinned one, or none is pinned."""
+
+    def __init__(self, offered: str, fingerprint: str, *, pinned: bool):
+        self.offered = offered  # as in known_hosts: "ssh-ed25519 AAAA…"
+        self.fingerprint = fingerprint
+        key_type = offered.split()[0]
+        if pinned:
+            problem = (
+                "is not the one pinned for this source: the server's key may have changed, "
+                "or another machine answers in its place"
+            )
+        else:
+            problem = "is unknown: no host key is pinned for this source"
+        super().__init__(
+            f"The server's host key {fingerprint} ({key_type}) {problem}. Nothing was sent. "
+            "Compare the fingerprint with the one the partner gives you, then trust the key "
+            "on the source's admin page."
+        )
 
 
 @dataclass
@@ -263,9 +285,45 @@ def _mlsd_kind(fact: str) -> str:
     return {"file": "file", "dir": "dir", "cdir": "dir", "pdir": "dir"}.get(fact, "other")
 
 
-def open_transport(protocol: str, host: str, port: int, user: str, password: str, **options):
-    """A logged-in transport of `protocol` (``ftp`` or ``ftps``); `options` are the
-    transport's (`timeout`, `passive`, `ca_file`)."""
+def open_transport(
+    protocol: str,
+    host: str,
+    port: int,
+    user: str,
+    password: str,
+    *,
+    timeout: float = 30,
+    passive: bool = True,
+    ca_file: str | None = None,
+    host_key: str = "",
+    key_file: str = "",
+    passphrase: str = "",
+):
+    """A logged-in transport of `protocol` (``ftp``, ``ftps`` or ``sftp``), taking the
+    options that apply to it: `passive` and `ca_file` for FTP(S), `host_key`, `key_file` and
+    `passphrase` for SFTP."""
+    if protocol == "sftp":
+        from .sftp import SftpTransport  # paramiko is loaded by the sources that use it
+
+        return SftpTransport(
+            host,
+            port,
+            user,
+            password,
+            timeout=timeout,
+            host_key=host_key,
+            key_file=key_file,
+            passphrase=passphrase,
+        )
     if protocol not in PROTOCOLS:
         raise ValueError(f"Unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}.")
-    return FtpTransport(host, port, user, password, tls=protocol == "ftps", **options)
+    return FtpTransport(
+        host,
+        port,
+        user,
+        password,
+        tls=protocol == "ftps",
+        timeout=timeout,
+        passive=passive,
+        ca_file=ca_file,
+    )

@@ -261,3 +261,11 @@ def managers(django_user_model):
         user.save()
         user.groups.add(group)
     return group
+
+
+@pytest.fixture
+def start_sshd(tmp_path):
+    """Start Debian's OpenSSH server on 127.0.0.1 for SFTP (tests/servers.py)."""
+    from .servers import Sshd
+
+    yield from started_servers(tmp_path, Sshd, "sshd")

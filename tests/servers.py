@@ -5,6 +5,7 @@ touched. `.ci/run` installs the packages; elsewhere a missing server skips its t
 DATACENTER_REQUIRE_SERVERS is set (as in CI), when it fails them.
 """
 
+import getpass
 import os
 import shutil
 import socket
@@ -143,6 +144,107 @@ class Vsftpd:
         with open(path, "wb") as handle:
             handle.write(data)
         os.chmod(path, 0o644)
+
+    def names(self) -> list[bytes]:
+        return sorted(os.listdir(bytes(self.dir)))
+
+
+SSHD = "/usr/sbin/sshd"
+
+
+def make_ssh_key(path: Path, passphrase: str = "") -> tuple[Path, str]:
+    """A new ed25519 key pair at `path`: the private key's path and the public key's line."""
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", passphrase, "-C", "", "-f", str(path)],
+        check=True,
+        capture_output=True,
+    )
+    return path, path.with_suffix(".pub").read_text().strip()
+
+
+class Sshd:
+    """Debian's OpenSSH server with the SFTP subsystem internal-sftp and nothing else,
+    letting this test's own key log in as the current user; the exchange directory is
+    `root/outbox` (an absolute path on the server)."""
+
+    def __init__(self, base: Path, **options):
+        require(SSHD)
+        self.base = base
+        self.dir = base / "root" / "outbox"
+        self.dir.mkdir(parents=True)
+        self.user = getpass.getuser()
+        self.key_file, public_key = make_ssh_key(base / "client_key")
+        self.passphrase_key_file, other_key = make_ssh_key(base / "passphrase_key", "sesame")
+        (base / "authorized_keys").write_text(f"{public_key}\n{other_key}\n")
+        self.log = base / "sshd.log"
+        self.port = free_port()
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation
+        self.start(**options)
+
+    def start(self, new_host_key: bool = False, sftp_flags: str = "") -> None:
+        """Serve on the same port every time; with `new_host_key`, under a key of its own
+        that is new, as after a reinstallation (or in an attacker's hands)."""
+        host_key = self.base / "host_key"
+        if new_host_key or not host_key.exists():
+            for path in (host_key, host_key.with_suffix(".pub")):
+                path.unlink(missing_ok=True)
+            make_ssh_key(host_key)
+        self.host_key = host_key.with_suffix(".pub").read_text().strip()
+        config = {
+            "Port": self.port,
+            "ListenAddress": "127.0.0.1",
+            "HostKey": host_key,
+            "PidFile": self.base / "sshd.pid",
+            "AuthorizedKeysFile": self.base / "authorized_keys",
+            "StrictModes": "no",
+            "UsePAM": "no",
+            "PasswordAuthentication": "no",
+            "KbdInteractiveAuthentication": "no",
+            "PermitRootLogin": "prohibit-password",
+            "AllowUsers": self.user,
+            "Subsystem": "sftp internal-sftp",
+            "ForceCommand": f"internal-sftp {sftp_flags}".strip(),
+            "LogLevel": "VERBOSE",
+        }
+        self.config = self.base / "sshd_config"
+        self.config.write_text("".join(f"{key} {value}\n" for key, value in config.items()))
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [SSHD, "-D", "-e", "-f", str(self.config)], stdout=log, stderr=log
+            )
+        try:
+            wait_for_port(self.port, self.process, self.log)
+        except RuntimeError:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+    def restart(self, **options) -> None:
+        self.stop()
+        self.start(**options)
+
+    def options(self, store_dir, **extra) -> dict:
+        """The arguments of imports.cds.import_ for this server."""
+        return {
+            "store_dir": str(store_dir),
+            "host": "127.0.0.1",
+            "port": self.port,
+            "user": self.user,
+            "password": "",
+            "path": str(self.dir),
+            "protocol": "sftp",
+            "host_key": self.host_key,
+            "key_file": str(self.key_file),
+            "timeout": 10,
+            **extra,
+        }
+
+    def put(self, name: str | bytes, data: bytes = b"data") -> None:
+        with open(os.path.join(bytes(self.dir), os.fsencode(name)), "wb") as handle:
+            handle.write(data)
 
     def names(self) -> list[bytes]:
         return sorted(os.listdir(bytes(self.dir)))

@@ -1,0 +1,317 @@
+"""The export direction of the CDS protocol: our files into the partner's directory.
+
+Files to send wait in the ``new/`` folder of an outgoing spool (tmp/new/cur, Maildir style: a
+program writes into ``tmp/`` and moves the complete file to ``new/``). A run takes the
+``write`` lock when neither ``read`` nor ``write`` is on the server, and sends the files one
+after the other on one connection: each is uploaded under a hidden temporary name, its size
+checked on the server, renamed to its name (never over a file that is there), and moved
+locally to ``cur/``.
+
+Nothing is half-written where the partner looks, and nothing is sent twice: before the upload
+and before the rename, the spool records which file is on its way and how far it got. A run
+that dies anywhere leaves that record, and the next run finishes from it: it removes a
+temporary file left on the server, and a file renamed on the server but still in ``new/``
+goes to ``cur/`` instead of being sent again. A file that fails alone stays in ``new/`` for the
+next run.
+"""
+
+import functools
+import hashlib
+import logging
+import os
+import uuid
+from collections.abc import Callable
+
+from .fetch import FileOutcome, SpoolError, TransferError, spool_errors
+from .protocol import (
+    ACTIVE_LOCKS,
+    LOCKED,
+    NOTHING,
+    WRITE_LOCK,
+    RunResult,
+    connect,
+    connect_in,
+    create_lock,
+    lock_in_the_way,
+    name_problem,
+    remove_lock,
+)
+from .spool import FileStore
+from .transports import (
+    CONNECTION_ERRORS,
+    SERVER_ERRORS,
+    PermanentError,
+    open_transport,
+)
+
+log = logging.getLogger("imports.cds")
+
+UPLOAD_RECORD = "upload"
+UPLOADING, RENAMING = "uploading", "renaming"
+
+
+class ExportResult(RunResult):
+    """What an export run did."""
+
+
+def export_(
+    store_dir: str,
+    host: str,
+    port: int,
+    user: str,
+    password: str,
+    path: str,
+    *,
+    protocol: str = "ftp",
+    ca_file: str | None = None,
+    host_key: str = "",
+    key_file: str = "",
+    passphrase: str = "",
+    timeout: float = 30,
+    passive: bool = True,
+    lock_lease: float = 3600,
+    claimed: bool = False,
+    run_label: str = "",
+    progress: Callable[[int, int], None] | None = None,
+    on_file: Callable[[FileOutcome], None] | None = None,
+) -> ExportResult:
+    """Send every file of the outgoing spool's ``new/`` at `store_dir` to the CDS directory
+    `path`, and move each one sent to ``cur/``.
+
+    The transport options and the lock handling (`lock_lease`, `claimed`) are those of
+    import_, for the ``write`` lock. Without files to send (and nothing of an earlier run to
+    finish), the server is not contacted. `progress(done, total)` is called after each file,
+    `on_file(outcome)` as soon as a file is sent, failed or skipped.
+    """
+    log.info("Starting export.")
+    result = ExportResult(on_file=on_file)
+    store = FileStore(store_dir)
+    try:
+        with spool_errors():
+            store.prepare()
+            waiting = _exportable(store, result)
+            unfinished = (
+                store.record(UPLOAD_RECORD) is not None
+                or store.lock_record(WRITE_LOCK) is not None
+            )
+    except SpoolError as exc:
+        log.error("Could not read the outgoing spool: %s", exc)
+        return result.fail(exc)
+    log.info("Accessed filestore %s", store_dir)
+    if not waiting and not unfinished:
+        log.info("No new files to export.")
+        log.info("Exiting with success.")
+        result.status = NOTHING
+        return result
+    log.info(
+        "Connecting to CDS FTP server (host %s, port %s, user %s, dir %s)", host, port, user, path
+    )
+    server = f"{protocol}://{user}@{host}:{port}/{path.lstrip('/')}"
+    open_connection = functools.partial(
+        open_transport,
+        protocol,
+        host,
+        port,
+        user,
+        password,
+        timeout=timeout,
+        passive=passive,
+        ca_file=ca_file,
+        host_key=host_key,
+        key_file=key_file,
+        passphrase=passphrase,
+    )
+    reconnect = connect_in(path, open_connection)
+    transport = connect(result, open_connection)
+    if transport is None:
+        return result
+
+    token = uuid.uuid4().hex
+    locked = False
+    try:
+        transport.cwd(path)
+        lock = lock_in_the_way(transport, store, server, lock_lease, claimed, WRITE_LOCK)
+        if lock:
+            log.info("Cannot access CDS FTP server as '%s' lockfile exists.", lock)
+            transport.close()
+            log.warning("Exiting.")
+            result.status = LOCKED
+            return result
+        locked = True
+        create_lock(transport, store, WRITE_LOCK, server, run_label, token)
+        _finish_upload(transport, store, result)
+        with spool_errors():
+            waiting = _exportable(store, None)
+        if not waiting:
+            log.info("No new files to export.")
+        else:
+            on_server = {entry.raw for entry in transport.list(with_links=False)}
+            for done, name in enumerate(waiting, 1):
+                _upload(transport, store, name, on_server, result)
+                if progress:
+                    progress(done, len(waiting))
+    except (SpoolError, *SERVER_ERRORS, *CONNECTION_ERRORS) as exc:
+        if isinstance(exc, SpoolError):
+            log.error("Could not write to the outgoing spool: %s", exc)
+        else:
+            log.error("Error accessing FTP server.")
+        transport.close()
+        if locked:
+            # An upload may have been cut off half-way: the lock goes on a new connection.
+            remove_lock(None, reconnect, store, WRITE_LOCK)
+            log.info("Disconnected from CDS FTP server")
+        return result.fail(exc)
+    finally:
+        ACTIVE_LOCKS.discard(token)
+
+    remove_lock(transport, reconnect, store, WRITE_LOCK)
+    log.info("Disconnected from CDS FTP server")
+    return result.finish("could not be exported and stay in new/.")
+
+
+def _exportable(store: FileStore, result: ExportResult | None) -> list[str]:
+    """The names in ``new/`` to send, in order; with `result`, names no server could take
+    are logged and recorded as skipped."""
+    names = []
+    for path in store.list("new"):
+        name = os.path.basename(path)
+        reason = name_problem(name)
+        if reason:
+            if result is not None:
+                log.info("Skipping %r: %s.", name, reason)
+                result.add(FileOutcome(name, None, "skipped", reason=reason))
+            continue
+        names.append(name)
+    return names
+
+
+def temporary_name(raw: bytes) -> bytes:
+    """The hidden name a file is uploaded under, which partners skip as CDS asks."""
+    return b"." + raw + b".part"
+
+
+class _HashingReader:
+    """The source of an upload: reads the local file, hashing."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.digest = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        with spool_errors():
+            chunk = self.handle.read(size)
+        self.digest.update(chunk)
+        return chunk
+
+
+def _upload(transport, store: FileStore, name: str, on_server: set[bytes], result) -> None:
+    """Send ``new/NAME`` and move it to ``cur/``. A refusal of the server fails this file
+    alone (it stays in ``new/``); a broken connection or spool ends the run."""
+    log.info("Uploading: %s", name)
+    raw = name.encode()
+    temp = temporary_name(raw)
+    with spool_errors():
+        local = store.path_of("new", name)
+        size = os.path.getsize(local)
+    outcome = FileOutcome(name, size, "failed", local_name=name)
+    if raw in on_server:
+        outcome.reason = "a file of this name is on the server, and it is never replaced"
+        log.error("Could not upload %s: %s; it stays in new/.", name, outcome.reason)
+        result.add(outcome)
+        return
+    record = {"name": name, "raw": raw.hex(), "temp": temp.hex(), "size": size}
+    with spool_errors():
+        store.write_record(UPLOAD_RECORD, {**record, "phase": UPLOADING})
+    try:
+        with _open_local(local) as handle:
+            reader = _HashingReader(handle)
+            transport.store(temp, reader)
+        on_the_server = transport.size(temp)
+        if on_the_server != size:
+            raise TransferError(f"the server has {on_the_server} of {size} bytes")
+        with spool_errors():
+            store.write_record(UPLOAD_RECORD, {**record, "phase": RENAMING})
+        transport.rename(temp, raw)
+    except (*SERVER_ERRORS, TransferError) as exc:
+        outcome.reason = str(exc) or type(exc).__name__
+        log.error("Could not upload %s (%s); it stays in new/.", name, outcome.reason)
+        _remove_quietly(transport, temp)
+        with spool_errors():
+            store.remove_record(UPLOAD_RECORD)
+        result.add(outcome)
+        return
+    log.info("File stored on server: %s", name)
+    on_server.add(raw)
+    outcome.outcome, outcome.sha256 = "delivered", reader.digest.hexdigest()
+    _archive(store, name)
+    result.add(outcome)
+
+
+def _open_local(path: str):
+    with spool_errors():
+        return open(path, "rb")
+
+
+def _archive(store: FileStore, name: str) -> None:
+    with spool_errors():
+        final = store.archive(name)
+        store.remove_record(UPLOAD_RECORD)
+    if final == name:
+        log.info("Moved from 'new' to 'cur': %s", name)
+    else:
+        log.info("Moved from 'new' to 'cur': %s (as %s)", name, final)
+
+
+def _remove_quietly(transport, raw: bytes) -> None:
+    try:
+        transport.delete(raw)
+    except (*SERVER_ERRORS, *CONNECTION_ERRORS):
+        pass  # absent, or the connection is gone: the next upload of the file starts anew
+
+
+def _finish_upload(transport, store: FileStore, result: ExportResult) -> None:
+    """Finish what a run that died left of its upload: a temporary file on the server is
+    removed (the file is sent again); a file renamed on the server goes to ``cur/``."""
+    with spool_errors():
+        record = store.record(UPLOAD_RECORD)
+    if record is None:
+        return
+    name = record.get("name", "")
+    if not {"name", "raw", "temp", "size", "phase"} <= record.keys():
+        log.warning("Dropped an unreadable record of an earlier upload.")
+    elif _removed(transport, bytes.fromhex(record["temp"])):
+        log.warning("Removed an upload an earlier run left unfinished: %s", name)
+    elif (
+        record["phase"] == RENAMING
+        and _size(transport, bytes.fromhex(record["raw"])) == (record["size"])
+    ):
+        log.info("Completed the export of an earlier run: %s", name)
+        if os.path.exists(store.path_of("new", name)):
+            _archive(store, name)
+        result.add(
+            FileOutcome(
+                name,
+                record["size"],
+                "delivered",
+                local_name=name,
+                reason="completed the export of an earlier run",
+            )
+        )
+    with spool_errors():
+        store.remove_record(UPLOAD_RECORD)
+
+
+def _removed(transport, raw: bytes) -> bool:
+    """Remove `raw` on the server; whether it was there."""
+    try:
+        transport.delete(raw)
+    except PermanentError:
+        return False
+    return True
+
+
+def _size(transport, raw: bytes) -> int | None:
+    try:
+        return transport.size(raw)
+    except PermanentError:
+        return None

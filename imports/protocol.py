@@ -1,0 +1,235 @@
+"""What the two directions of the CDS protocol share: results, connecting, and the lock files.
+
+One directory per exchange on the partner's server. A writer holds a file named ``write``
+while it uploads, a reader a file named ``read`` while it downloads; whoever finds either
+backs off until the next run. The import (cds.py) holds ``read``, the export (outgoing.py)
+``write``.
+
+Whether a lock on the server is our own is known from a record in the local spool alone (host,
+process, run, time), never by reading the lock back: many drop boxes let an account write and
+delete a file but not read it. Our lock whose run is gone is removed with a log line; anybody
+else's is respected.
+"""
+
+import logging
+import os
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from io import BytesIO
+
+from datacenter.processes import HOST, died_on_this_host
+
+from .fetch import FileOutcome, spool_errors
+from .spool import FileStore
+from .transports import CONNECTION_ERRORS, SERVER_ERRORS, HostKeyError
+
+log = logging.getLogger("imports.cds")
+
+SUCCESS, NOTHING, LOCKED, FAILED = "success", "nothing", "locked", "failed"
+READ_LOCK, WRITE_LOCK = "read", "write"
+LOCK_NAMES = {READ_LOCK.encode(), WRITE_LOCK.encode()}
+MAX_NAME_BYTES = 240  # leaves room for the hidden partial name of a transfer
+# Lock records of the runs going on in this process: a long-lived worker outlives its runs,
+# so its process id alone does not say that a run is still going.
+ACTIVE_LOCKS: set[str] = set()
+
+
+@dataclass
+class RunResult:
+    status: str = SUCCESS
+    files: list[FileOutcome] = field(default_factory=list)
+    error: str = ""
+    # The SSH host key the server offered when it was not the pinned one, known_hosts style.
+    offered_host_key: str = ""
+    on_file: Callable[[FileOutcome], None] | None = field(default=None, repr=False)
+
+    def add(self, file: FileOutcome) -> None:
+        """Record what became of one file, and tell the caller at once."""
+        self.files.append(file)
+        if self.on_file:
+            self.on_file(file)
+
+    @property
+    def delivered(self) -> list[FileOutcome]:
+        return [file for file in self.files if file.outcome == "delivered"]
+
+    @property
+    def bytes(self) -> int:
+        return sum(file.size or 0 for file in self.delivered)
+
+    def fail(self, exc: BaseException) -> "RunResult":
+        log.error("Exiting with exception:", exc_info=exc)
+        self.status = FAILED
+        self.error = f"{type(exc).__name__}: {exc}"
+        return self
+
+    def finish(self, failed_files: str) -> "RunResult":
+        """The status at the end of a run that got through: failed when a file failed, with
+        the error "N file(s) `failed_files`"."""
+        failed = [file for file in self.files if file.outcome == "failed"]
+        if failed:
+            self.status = FAILED
+            self.error = f"{len(failed)} file(s) {failed_files}"
+            log.error("Exiting with errors: %s", self.error)
+        else:
+            self.status = SUCCESS if self.delivered else NOTHING
+            log.info("Exiting with success.")
+        return self
+
+
+def connect(result: RunResult, open_connection: Callable):
+    """`open_connection()`, or None with the reason logged and `result` failed."""
+    try:
+        return open_connection()
+    except ssl.SSLCertVerificationError as exc:
+        log.error(
+            "The server's TLS certificate did not verify (%s); no password was sent.",
+            exc.verify_message,
+        )
+        result.fail(exc)
+    except HostKeyError as exc:
+        log.error("%s", exc)
+        result.offered_host_key = exc.offered
+        result.fail(exc)
+    except (*SERVER_ERRORS, *CONNECTION_ERRORS) as exc:
+        log.error("Could not connect to CDS FTP server.")
+        result.fail(exc)
+    return None
+
+
+def connect_in(path: str, open_connection: Callable) -> Callable:
+    """`open_connection`, then change to the exchange directory."""
+
+    def connect_to_path():
+        transport = open_connection()
+        try:
+            transport.cwd(path)
+        except BaseException:
+            transport.close()
+            raise
+        return transport
+
+    return connect_to_path
+
+
+def lock_text(lock: str, run_label: str) -> bytes:
+    direction = "import" if lock == READ_LOCK else "export"
+    return (
+        f"This is a lock file of the datacenter CDS {direction}.\nhost={HOST}\n"
+        f"pid={os.getpid()}\nrun={run_label}\ntime={datetime.now(UTC).isoformat()}\n"
+    ).encode()
+
+
+def lock_record(server: str, run_label: str, token: str) -> dict:
+    return {
+        "server": server,
+        "host": HOST,
+        "pid": os.getpid(),
+        "run": run_label,
+        "token": token,
+        "time": datetime.now(UTC).isoformat(),
+    }
+
+
+def lock_in_the_way(
+    transport, store: FileStore, server: str, lease: float, claimed: bool, own: str
+) -> str | None:
+    """The name of a lock that keeps us from taking the lock `own`, after removing a stale
+    one of our own. The other direction's lock is always respected."""
+    other = WRITE_LOCK if own == READ_LOCK else READ_LOCK
+    names = {entry.raw for entry in transport.list(with_links=False)}
+    if other.encode() in names:
+        return other
+    record = store.lock_record(own)
+    if record is not None and record.get("server", server) != server:
+        record = None  # a lock we held on another server, before the source was changed
+    if own.encode() in names:
+        stale = record is not None and stale_record(record, lease, claimed)
+        if not stale:
+            return own
+        log.warning("Removing a stale lock file of our own: %s (%s)", own, stale)
+        transport.delete(own.encode())
+    if record is not None:
+        with spool_errors():
+            store.remove_lock_record(own)
+    return None
+
+
+def stale_record(record: dict, lease: float, claimed: bool) -> str | None:
+    """Why our recorded lock is stale, or None while the run that wrote it may still go."""
+    owner = (
+        f"written by host {record.get('host')}, process {record.get('pid')}, "
+        f"run {record.get('run')}"
+    )
+    if claimed:
+        return f"{owner}, whose claim on the source has ended"
+    if record.get("host") == HOST and record.get("pid") == os.getpid():
+        if record.get("token") not in ACTIVE_LOCKS:
+            return f"{owner}, which has ended"
+        return None
+    if died_on_this_host(record.get("host"), record.get("pid")):
+        return f"{owner}, which is no longer running"
+    try:
+        age = (datetime.now(UTC) - datetime.fromisoformat(record["time"])).total_seconds()
+    except (KeyError, TypeError, ValueError):
+        return f"{owner}, a record that tells no time"
+    if age > lease:
+        return f"{owner} {age:.0f} s ago, longer than the lease"
+    return None
+
+
+def create_lock(transport, store: FileStore, lock: str, server: str, run_label: str, token: str):
+    """Take the lock `lock` on the server, recorded in the spool first: a run killed between
+    the two leaves a record of a lock that may be there, never a lock nobody knows is ours."""
+    log.info("Creating lock file: %s", lock)
+    with spool_errors():
+        store.write_lock_record(lock, lock_record(server, run_label, token))
+    ACTIVE_LOCKS.add(token)
+    transport.store(lock.encode(), BytesIO(lock_text(lock, run_label)))
+    log.info("Lock file successfully created: %s", lock)
+
+
+def remove_lock(transport, reconnect: Callable, store: FileStore, lock: str) -> None:
+    """Remove our lock `lock`; on a new connection when `transport` is None or broken."""
+    log.info("Removing lock file: %s", lock)
+    try:
+        if transport is None:
+            raise ConnectionError("no usable connection")
+        transport.delete(lock.encode())
+    except (*SERVER_ERRORS, *CONNECTION_ERRORS):
+        if transport is not None:
+            transport.close()
+        try:
+            transport = None
+            transport = reconnect()
+            # The broken connection may have removed it.
+            if lock.encode() in {entry.raw for entry in transport.list(with_links=False)}:
+                transport.delete(lock.encode())
+        except (*SERVER_ERRORS, *CONNECTION_ERRORS):
+            if transport is not None:
+                transport.close()
+            log.exception("Could not remove lock file: %s", lock)
+            return  # the record stays, so that the next run knows the lock is ours
+    try:
+        store.remove_lock_record(lock)
+    except OSError:
+        log.exception("Could not remove the lock record in the spool.")
+    log.info("Lock file successfully removed: %s", lock)
+    transport.close()
+
+
+def name_problem(name: str) -> str | None:
+    """Why a file name (from the server, or to be sent there) cannot be used, or None."""
+    if not name or name in {".", ".."}:
+        return "not a file name"
+    if "/" in name or "\\" in name:
+        return "the name contains a path separator"
+    if any(ord(char) < 32 or ord(char) == 127 for char in name):
+        return "the name contains control characters"
+    if name.startswith("."):
+        return "hidden file"
+    if len(name.encode()) > MAX_NAME_BYTES:
+        return f"the name is longer than {MAX_NAME_BYTES} bytes"
+    return None

@@ -57,6 +57,7 @@ __all__ = [
     "FileOutcome",
     "ImportResult",
     "PermanentError",
+    "RunResult",
     "TemporaryError",
     "export_",
     "import_",

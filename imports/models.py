@@ -1,3 +1,5 @@
+import os
+
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
@@ -8,11 +10,13 @@ from django.utils import timezone
 from . import validation
 from .spool import FileStore
 
+OUTGOING_FOLDER = "out"
+
 
 class CdsSource(models.Model):
     """A partner's CDS directory on an FTP server, and the spool its files go to."""
 
-    PROTOCOLS = [("ftp", "FTP"), ("ftps", "FTPS (explicit TLS)")]
+    PROTOCOLS = [("ftp", "FTP"), ("ftps", "FTPS (explicit TLS)"), ("sftp", "SFTP (SSH)")]
 
     name = models.SlugField(max_length=100, unique=True, help_text="Used on the command line.")
     protocol = models.CharField(max_length=10, choices=PROTOCOLS, default="ftp")
@@ -22,7 +26,9 @@ class CdsSource(models.Model):
         help_text="Host name or IP address of the partner's server.",
     )
     port = models.PositiveIntegerField(
-        default=21, validators=[MinValueValidator(1), MaxValueValidator(65535)]
+        default=21,
+        validators=[MinValueValidator(1), MaxValueValidator(65535)],
+        help_text="21 for FTP and FTPS, 22 for SFTP, unless the partner says otherwise.",
     )
     user = models.CharField(max_length=255)
     password = models.CharField(max_length=255, blank=True)
@@ -32,6 +38,14 @@ class CdsSource(models.Model):
         default="/",
         validators=[validation.validate_remote_dir],
         help_text="Absolute path of the exchange directory on the server, such as /outbox.",
+    )
+    export_dir = models.CharField(
+        "export directory",
+        max_length=1024,
+        blank=True,
+        validators=[validation.validate_remote_dir],
+        help_text="Absolute path of the directory on the server that our files are delivered "
+        "to (from the outgoing spool, out/ in the spool folder). Empty: no export.",
     )
     spool_dir = models.CharField(
         "spool folder",
@@ -49,7 +63,30 @@ class CdsSource(models.Model):
         "chain to, for partners with their own CA or a self-signed certificate. Empty: the "
         "system's trusted CAs.",
     )
-    enabled = models.BooleanField(default=True, help_text="Taken by cds_import --all.")
+    host_key = models.CharField(
+        "SSH host key",
+        max_length=1000,
+        blank=True,
+        validators=[validation.validate_host_key],
+        help_text="SFTP only: the server's public key as a known_hosts line (ssh-ed25519 "
+        "AAAA…) or its fingerprint (SHA256:…). A run fails before logging in when the server "
+        "shows another key. Empty: the first run fails and shows the key it was offered, "
+        "which you can then trust here.",
+    )
+    key_file = models.CharField(
+        "private key file",
+        max_length=4096,
+        blank=True,
+        validators=[validation.validate_key_file],
+        help_text="SFTP only: absolute path of a private key (OpenSSH or PEM format) to log "
+        "in with, instead of or with the password.",
+    )
+    passphrase = models.CharField(max_length=255, blank=True)
+    # The host key an SFTP server offered that was not the pinned one, for staff to trust.
+    offered_host_key = models.CharField(max_length=1000, blank=True, editable=False)
+    enabled = models.BooleanField(
+        default=True, help_text="Taken by cds_import --all and cds_export --all."
+    )
     timeout = models.PositiveIntegerField(
         default=30,
         validators=[MinValueValidator(1)],
@@ -104,6 +141,10 @@ class CdsSource(models.Model):
         "ImportRun", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     claimed_until = models.DateTimeField(null=True, blank=True)
+    export_claimed_by = models.ForeignKey(
+        "ImportRun", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    export_claimed_until = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["name"]
@@ -117,22 +158,47 @@ class CdsSource(models.Model):
 
     def save(self, *args, **kwargs):
         # Sources made by scripts and the shell are held to the rules of the admin form.
-        self.full_clean(exclude=["claimed_by", "claimed_until"], validate_unique=False)
+        self.full_clean(
+            exclude=["claimed_by", "claimed_until", "export_claimed_by", "export_claimed_until"],
+            validate_unique=False,
+        )
         super().save(*args, **kwargs)
 
     def get_absolute_url(self):
         return reverse("imports:spool", kwargs={"name": self.name})
 
     def clean(self):
+        errors = {}
         if self.ca_file and self.protocol != "ftps":
-            raise ValidationError({"ca_file": "A CA file is used with FTPS only."})
+            errors["ca_file"] = "A CA file is used with FTPS only."
+        for name in ("host_key", "key_file", "passphrase"):
+            if getattr(self, name) and self.protocol != "sftp":
+                label = self._meta.get_field(name).verbose_name
+                errors[name] = f"The {label} is used with SFTP only."
+        if self.key_file and "key_file" not in errors:
+            problem = validation.key_file_problem(self.key_file, self.passphrase)
+            if problem:
+                errors["key_file"] = problem
+        if self.export_dir and self.export_dir.rstrip("/") == self.remote_dir.rstrip("/"):
+            errors["export_dir"] = (
+                "The export directory must differ from the remote directory, or the import "
+                "would take back the files we deliver."
+            )
+        if errors:
+            raise ValidationError(errors)
 
     @property
     def store(self) -> FileStore:
         return FileStore(self.spool_dir)
 
-    def last_run(self):
-        return self.runs.exclude(status=ImportRun.QUEUED).order_by("-pk").first()
+    @property
+    def outgoing_store(self) -> FileStore:
+        """The spool of files to deliver to the partner: out/ in the spool folder."""
+        return FileStore(os.path.join(self.spool_dir, OUTGOING_FOLDER))
+
+    def last_run(self, direction: str = "import"):
+        runs = self.runs.filter(direction=direction).exclude(status=ImportRun.QUEUED)
+        return runs.order_by("-pk").first()
 
 
 class ImportRun(models.Model):
@@ -150,8 +216,11 @@ class ImportRun(models.Model):
         (INTERRUPTED, "interrupted"),
     ]
     TRIGGERS = [("cron", "cron"), ("admin", "admin"), ("page", "page")]
+    IMPORT, EXPORT = "import", "export"
+    DIRECTIONS = [(IMPORT, "import"), (EXPORT, "export")]
 
     source = models.ForeignKey(CdsSource, on_delete=models.CASCADE, related_name="runs")
+    direction = models.CharField(max_length=6, choices=DIRECTIONS, default=IMPORT)
     trigger = models.CharField(max_length=10, choices=TRIGGERS)
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL

@@ -1,7 +1,10 @@
-"""Runs of the CDS import: the one entry point for cron, the admin, the pages and the tasks.
+"""Runs of the CDS import and export: the one entry point for cron, the admin, the pages and
+the tasks.
 
-A run claims its source with a conditional update, so that one source is imported by one run
-at a time on any number of processes and hosts. The claim names the run, and the run its host
+A run claims its source for its direction with a conditional update, so that one source is
+imported by one run at a time on any number of processes and hosts, and exported by one run
+(an import and an export of the same source may go on together: they hold different locks
+in different directories of the server). The claim names the run, and the run its host
 and process: when that process dies, the next run on the same host takes over at once, any
 other host after the lease, and the dead run is marked interrupted.
 
@@ -48,6 +51,22 @@ class RunInterrupted(Exception):
 _current_run: contextvars.ContextVar = contextvars.ContextVar("current_run", default=None)
 FLUSH_SECONDS = 0.5
 CLAIM_RENEWAL_SECONDS = 1.0
+# The fields of CdsSource that hold each direction's claim.
+CLAIM_FIELDS = {
+    ImportRun.IMPORT: ("claimed_by", "claimed_until"),
+    ImportRun.EXPORT: ("export_claimed_by", "export_claimed_until"),
+}
+
+
+def claim_values(run: ImportRun, holder, until) -> dict:
+    """The update of `run`'s direction's claim to `holder` until `until`."""
+    by, until_field = CLAIM_FIELDS[run.direction]
+    return {by: holder, until_field: until}
+
+
+def claimed_by(run: ImportRun):
+    """The filter of the sources whose claim of `run`'s direction `run` holds."""
+    return Q(**{CLAIM_FIELDS[run.direction][0]: run})
 
 
 class RunRecorder:
@@ -113,8 +132,9 @@ class RunRecorder:
             insert_rows(ImportedFile, self.FILE_COLUMNS, file_records)
             ImportRun.objects.filter(pk=self.run.pk).update(**progress)
             if renew:
-                CdsSource.objects.filter(pk=self.source.pk, claimed_by=self.run).update(
-                    claimed_until=timezone.now() + lease()
+                until = CLAIM_FIELDS[self.run.direction][1]
+                CdsSource.objects.filter(claimed_by(self.run), pk=self.source.pk).update(
+                    **{until: timezone.now() + lease()}
                 )
         if renew:
             self.claim_renewed = time.monotonic()
@@ -164,23 +184,25 @@ def lease() -> timedelta:
 
 
 def claim(source: CdsSource, run: ImportRun) -> bool:
-    """Claim `source` for `run` unless another run holds a claim that has not expired.
+    """Claim `source` for `run` (in its direction) unless another run holds a claim that has
+    not expired.
 
     The claim of a run whose process died on this host is taken over at once, and that run
     is marked interrupted.
     """
     now = timezone.now()
-    free = Q(claimed_until__isnull=True) | Q(claimed_until__lt=now)
+    by, until = CLAIM_FIELDS[run.direction]
+    free = Q(**{f"{until}__isnull": True}) | Q(**{f"{until}__lt": now})
     claimed = CdsSource.objects.filter(free, pk=source.pk).update(
-        claimed_by=run, claimed_until=now + lease()
+        **claim_values(run, run, now + lease())
     )
     if claimed:
         return True
-    holder = CdsSource.objects.select_related("claimed_by").get(pk=source.pk).claimed_by
+    holder = getattr(CdsSource.objects.select_related(by).get(pk=source.pk), by)
     if holder is None or not died_on_this_host(holder.host, holder.pid):
         return False
-    taken = CdsSource.objects.filter(pk=source.pk, claimed_by=holder).update(
-        claimed_by=run, claimed_until=now + lease()
+    taken = CdsSource.objects.filter(claimed_by(holder), pk=source.pk).update(
+        **claim_values(run, run, now + lease())
     )
     if taken:
         log.warning(
@@ -194,9 +216,7 @@ def claim(source: CdsSource, run: ImportRun) -> bool:
 
 
 def release(source: CdsSource, run: ImportRun) -> None:
-    CdsSource.objects.filter(pk=source.pk, claimed_by=run).update(
-        claimed_by=None, claimed_until=None
-    )
+    CdsSource.objects.filter(claimed_by(run), pk=source.pk).update(**claim_values(run, None, None))
 
 
 def mark_interrupted(run: ImportRun) -> bool:
@@ -218,21 +238,26 @@ def interrupt_dead_runs() -> int:
     """Mark every running run that is known to be dead as interrupted: its process is gone
     from this host, its claim was taken over, or the claim's lease ran out."""
     now = timezone.now()
-    dead = [
-        run
-        for run in ImportRun.objects.filter(status=ImportRun.RUNNING).select_related("source")
-        if died_on_this_host(run.host, run.pid)
-        or run.source.claimed_by_id != run.pk
-        or run.source.claimed_until < now
-    ]
+    dead = []
+    for run in ImportRun.objects.filter(status=ImportRun.RUNNING).select_related("source"):
+        by, until = CLAIM_FIELDS[run.direction]
+        if (
+            died_on_this_host(run.host, run.pid)
+            or getattr(run.source, f"{by}_id") != run.pk
+            or getattr(run.source, until) < now
+        ):
+            dead.append(run)
     return sum(mark_interrupted(run) for run in dead)
 
 
-def enqueue_import(source: CdsSource, *, trigger: str, user=None) -> ImportRun:
-    """Queue a run of `source` for a background worker and return it."""
+def enqueue_import(
+    source: CdsSource, *, trigger: str, user=None, direction: str = ImportRun.IMPORT
+) -> ImportRun:
+    """Queue a run of `source` (an import, or an export) for a background worker and
+    return it."""
     from .tasks import run_import_task
 
-    run = ImportRun.objects.create(source=source, trigger=trigger, user=user)
+    run = ImportRun.objects.create(source=source, direction=direction, trigger=trigger, user=user)
 
     def enqueue():
         result = run_import_task.enqueue(run.pk)
@@ -249,15 +274,19 @@ def run_import(
     user=None,
     run: ImportRun | None = None,
     progress: Callable[[int, int], None] | None = None,
+    direction: str = ImportRun.IMPORT,
 ) -> ImportRun:
-    """Import the new files of `source` now, recorded as `run` (a new one by default).
+    """Import the new files of `source` now (or, with `direction` "export", deliver the
+    files of its outgoing spool), recorded as `run` (a new one by default).
 
-    Ends at once as "busy" while another run of the source is in progress anywhere. Brings
-    the source's alert up to date at the end (see alerts.py).
-    `progress(done, total)` may be called from the import's threads.
+    Ends at once as "busy" while another run of the source in the same direction is in
+    progress anywhere. Brings the source's alert up to date at the end (see alerts.py).
+    `progress(done, total)` may be called from the transfer's threads.
     """
     if run is None:
-        run = ImportRun.objects.create(source=source, trigger=trigger, user=user)
+        run = ImportRun.objects.create(
+            source=source, direction=direction, trigger=trigger, user=user
+        )
     run.host, run.pid = HOST, os.getpid()
     run.save(update_fields=["host", "pid"])
     recorder = RunRecorder(source, run)
@@ -267,15 +296,19 @@ def run_import(
     try:
         interrupt_dead_runs()
         if not claim(source, run):
-            log.warning("Another import of %s is running; this run ends.", source.name)
+            log.warning("Another %s of %s is running; this run ends.", run.direction, source.name)
             recorder.flush()
             _finish(run, ImportRun.BUSY)
             return run
         try:
             run.status, run.started = ImportRun.RUNNING, timezone.now()
             run.save(update_fields=["status", "started"])
-            result = _import(source, recorder, progress)
+            result = _transfer(source, recorder, progress)
             run.files, run.bytes, run.error = len(result.delivered), result.bytes, result.error
+            if result.offered_host_key:
+                CdsSource.objects.filter(pk=source.pk).update(
+                    offered_host_key=result.offered_host_key
+                )
             _finish(run, STATUS_OF_RESULT[result.status])
         finally:
             release(source, run)
@@ -287,8 +320,31 @@ def run_import(
     return run
 
 
-def _import(source: CdsSource, recorder: RunRecorder, progress) -> cds.ImportResult:
-    """Run the import in a thread of its own while this one writes what it reports."""
+def run_export(source: CdsSource, **options) -> ImportRun:
+    """Deliver the files of the outgoing spool of `source` now (see run_import)."""
+    return run_import(source, direction=ImportRun.EXPORT, **options)
+
+
+def transfer_options(source: CdsSource) -> dict:
+    """The options of import_ and export_ that say how to reach the server of `source`."""
+    return {
+        "host": source.host,
+        "port": source.port,
+        "user": source.user,
+        "password": source.password,
+        "protocol": source.protocol,
+        "ca_file": source.ca_file or None,
+        "host_key": source.host_key,
+        "key_file": source.key_file,
+        "passphrase": source.passphrase,
+        "timeout": source.timeout,
+        "passive": source.passive,
+    }
+
+
+def _transfer(source: CdsSource, recorder: RunRecorder, progress) -> cds.RunResult:
+    """Run the import or export in a thread of its own while this one writes what it
+    reports."""
     run = recorder.run
 
     def on_progress(done: int, total: int) -> None:
@@ -296,35 +352,31 @@ def _import(source: CdsSource, recorder: RunRecorder, progress) -> cds.ImportRes
         if progress:
             progress(done, total)
 
-    outcome: list[cds.ImportResult] = []
+    outcome: list[cds.RunResult] = []
+    options = {
+        **transfer_options(source),
+        "claimed": True,
+        "run_label": f"{source.name} #{run.pk}",
+        "progress": on_progress,
+        "on_file": recorder.add_file,
+    }
 
     def target() -> None:
         try:
-            outcome.append(
-                cds.import_(
+            if run.direction == ImportRun.EXPORT:
+                result = cds.export_(source.outgoing_store.path, path=source.export_dir, **options)
+            else:
+                result = cds.import_(
                     source.spool_dir,
-                    source.host,
-                    source.port,
-                    source.user,
-                    source.password,
-                    source.remote_dir,
-                    protocol=source.protocol,
-                    ca_file=source.ca_file or None,
-                    timeout=source.timeout,
-                    passive=source.passive,
+                    path=source.remote_dir,
                     parallel=source.parallel,
                     stable_after=source.stable_after,
-                    claimed=True,
-                    run_label=f"{source.name} #{run.pk}",
-                    progress=on_progress,
-                    on_file=recorder.add_file,
+                    **options,
                 )
-            )
+            outcome.append(result)
         except Exception as exc:  # a fault of ours must still end the run with its reason
             log.exception("Exiting with exception:")
-            outcome.append(
-                cds.ImportResult(status=cds.FAILED, error=f"{type(exc).__name__}: {exc}")
-            )
+            outcome.append(cds.RunResult(status=cds.FAILED, error=f"{type(exc).__name__}: {exc}"))
 
     thread = threading.Thread(target=contextvars.copy_context().run, args=(target,))
     thread.start()

@@ -95,7 +95,7 @@ class SftpTransport:
         key_file: str = "",
         passphrase: str = "",
     ):
-        key = _private_key(key_file, passphrase) if key_file else None
+        key = private_key(key_file, passphrase) if key_file else None
         key_type, pinned = pinned_key(host_key) if host_key else (None, "")
         sock = socket.create_connection((host, int(port)), timeout=timeout)
         self.ssh = paramiko.Transport(sock)
@@ -207,7 +207,7 @@ class SftpTransport:
         self.ssh.close()
 
 
-def _private_key(path: str, passphrase: str) -> paramiko.PKey:
+def private_key(path: str, passphrase: str) -> paramiko.PKey:
     """The private key of `path`; PermanentError, naming neither key nor passphrase, when it
     cannot be used."""
     try:

@@ -112,3 +112,36 @@ def validate_email_list(value: str) -> None:
         raise ValidationError(
             f"These are no e-mail addresses: {', '.join(wrong)}. Separate addresses by commas."
         )
+
+
+def validate_host_key(value: str) -> None:
+    from .sftp import pinned_key
+
+    try:
+        pinned_key(value)
+    except ValueError as exc:
+        raise ValidationError(
+            f"{exc} Paste the server's line of a known_hosts file (such as the output of "
+            "ssh-keyscan: ssh-ed25519 AAAA…) or its fingerprint (SHA256:…)."
+        ) from None
+
+
+def validate_key_file(value: str) -> None:
+    if not os.path.isabs(value):
+        raise ValidationError("The key file must be given as an absolute path.")
+    if not os.path.isfile(value):
+        raise ValidationError(f"There is no file {value}.")
+    if not os.access(value, os.R_OK):
+        raise ValidationError(f"The site may not read {value}.")
+
+
+def key_file_problem(path: str, passphrase: str) -> str | None:
+    """Why the private key `path` cannot be opened with `passphrase`, or None."""
+    from .sftp import private_key
+    from .transports import PermanentError
+
+    try:
+        private_key(path, passphrase)
+    except PermanentError as exc:
+        return str(exc)
+    return None

@@ -22,6 +22,7 @@ class Command(BaseCommand):
         "Import new files from CDS sources into their spools. Exits 0 on success or nothing to "
         "do, 1 when a run failed and 75 (EX_TEMPFAIL) when a source was locked or busy."
     )
+    direction = ImportRun.IMPORT
 
     def add_arguments(self, parser):
         parser.add_argument("sources", nargs="*", metavar="SOURCE", help="source names")
@@ -36,7 +37,12 @@ class Command(BaseCommand):
         propagate, logger.propagate = logger.propagate, False  # printed once, to stdout
         try:
             runs = [
-                run_import(source, trigger="cron", progress=self.progress_bar())
+                run_import(
+                    source,
+                    direction=self.direction,
+                    trigger="cron",
+                    progress=self.progress_bar(),
+                )
                 for source in selected
             ]
         finally:
@@ -53,8 +59,16 @@ class Command(BaseCommand):
         if all_enabled == bool(names):
             raise CommandError("Name one or more sources, or give --all for every enabled one.")
         if all_enabled:
-            return list(CdsSource.objects.filter(enabled=True))
-        return named_sources(names)
+            return list(self.sources().filter(enabled=True))
+        sources = named_sources(names)
+        unable = [source.name for source in sources if source not in self.sources()]
+        if unable:
+            raise CommandError(f"No export directory is set for: {', '.join(unable)}.")
+        return sources
+
+    def sources(self):
+        """The sources that can run in this direction."""
+        return CdsSource.objects.all()
 
     def progress_bar(self):
         if not self.stdout.isatty():

@@ -212,10 +212,15 @@ def private_key(path: str, passphrase: str) -> paramiko.PKey:
     cannot be used."""
     try:
         return paramiko.PKey.from_path(path, passphrase or None)
-    except paramiko.PasswordRequiredException:
-        problem = "it is protected by a passphrase; enter the passphrase on the source"
-    except (paramiko.SSHException, ValueError):
-        problem = "it is not a private key this site can read, or the passphrase is wrong"
+    except (paramiko.SSHException, ValueError, TypeError):
+        # cryptography raises TypeError for a protected key opened without a passphrase.
+        if passphrase:
+            problem = "the passphrase is wrong, or it is not a private key this site can read"
+        else:
+            problem = (
+                "it is protected by a passphrase (enter it on the source), or it is not a "
+                "private key this site can read"
+            )
     except OSError as exc:
         problem = exc.strerror or str(exc)
     raise PermanentError(f"The private key file {path} cannot be used: {problem}.")

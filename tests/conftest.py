@@ -1,3 +1,4 @@
+import logging
 import os
 import subprocess
 import sys
@@ -145,6 +146,13 @@ def start_ftp_server(tmp_path):
 @pytest.fixture
 def ftp_server(start_ftp_server):
     return start_ftp_server()
+
+
+@pytest.fixture
+def cds_log(caplog):
+    """The log of the CDS import and export, from INFO up."""
+    caplog.set_level(logging.INFO, logger="imports.cds")
+    return caplog
 
 
 @pytest.fixture

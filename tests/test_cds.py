@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import logging
 import os
 import socket
 import subprocess
@@ -24,12 +23,6 @@ from .conftest import kill_when, written
 from .ftp import FaultyFS
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def cds_log(caplog):
-    caplog.set_level(logging.INFO, logger="imports.cds")
-    return caplog
 
 
 def messages(caplog) -> list[str]:

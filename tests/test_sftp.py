@@ -59,9 +59,9 @@ def test_key_with_a_passphrase(start_sshd, spool):
     right = import_(**server.options(spool, key_file=key, passphrase="sesame"))
 
     assert without.status == cds.FAILED
-    assert "protected by a passphrase" in without.error
+    assert "protected by a passphrase (enter it on the source)" in without.error
     assert wrong.status == cds.FAILED
-    assert "passphrase is wrong" in wrong.error
+    assert "the passphrase is wrong" in wrong.error
     assert "sesame" not in wrong.error
     assert right.status == cds.SUCCESS
     assert spooled(spool) == {"a.xml": b"data"}

@@ -211,7 +211,7 @@ def private_key(path: str, passphrase: str) -> paramiko.PKey:
     """The private key of `path`; PermanentError, naming neither key nor passphrase, when it
     cannot be used."""
     try:
-        return paramiko.PKey.from_path(path, passphrase or None)
+        return paramiko.PKey.from_path(path, passphrase.encode() if passphrase else None)
     except (paramiko.SSHException, ValueError, TypeError):
         # cryptography raises TypeError for a protected key opened without a passphrase.
         if passphrase:

@@ -18,12 +18,12 @@ USER, PASSWORD, DIRECTORY = "partner", "secret", "outbox"
 class ServerThread:
     """pyftpdlib serving `root` on a free port of 127.0.0.1 in a background thread."""
 
-    def __init__(self, root, handler_class=FTPHandler, **handler_attributes):
+    def __init__(self, root, handler_class=FTPHandler, perm="elradfmwMT", **handler_attributes):
         self.root = root
         self.dir = root / DIRECTORY
         self.dir.mkdir(parents=True, exist_ok=True)
         authorizer = DummyAuthorizer()
-        authorizer.add_user(USER, PASSWORD, str(root), perm="elradfmwMT")
+        authorizer.add_user(USER, PASSWORD, str(root), perm=perm)
         handler = type(
             "TestHandler", (handler_class,), {"authorizer": authorizer, **handler_attributes}
         )

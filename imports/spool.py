@@ -177,6 +177,24 @@ class FileStore:
             candidate, number = f"{name}.{number}", number + 1
         return candidate
 
+    def add_new(self, name: str, chunks) -> None:
+        """Put a file into ``new/`` as a Maildir writer does: written to a hidden file in
+        ``tmp/``, synced, then moved to ``new/``. FileExistsError when ``new/`` has `name`
+        already; nothing is left behind on any failure."""
+        target = self.path_of("new", name)
+        temp = os.path.join(self.real_folder("tmp"), f".{uuid.uuid4().hex}.add")
+        try:
+            with open(temp, "xb") as handle:
+                for chunk in chunks:
+                    handle.write(chunk)
+                handle.flush()
+                os.fsync(handle.fileno())
+            place_new_file(temp, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+        sync_folder(self.folder("new"))
+
     def archive(self, name: str) -> str:
         """Move ``new/NAME`` to ``cur/``, under a free name when `name` is taken there, and
         make both folders durable; returns the name in ``cur/``."""

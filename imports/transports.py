@@ -303,7 +303,7 @@ def open_transport(
     options that apply to it: `passive` and `ca_file` for FTP(S), `host_key`, `key_file` and
     `passphrase` for SFTP."""
     if protocol == "sftp":
-        from .sftp import SftpTransport  # paramiko is loaded by the sources that use it
+        from .sftp import SftpTransport  # sftp.py builds on this module
 
         return SftpTransport(
             host,

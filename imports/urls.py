@@ -8,6 +8,7 @@ urlpatterns = [
     path("runs/", views.runs, name="runs"),
     path("runs/<int:pk>/", views.run, name="run"),
     path("sources/<slug:name>/run/", views.run_now, name="run_now"),
+    path("sources/<slug:name>/export/", views.export_now, name="export_now"),
     path("sources/<slug:name>/spool/", views.spool, name="spool"),
     path(
         "sources/<slug:name>/spool/<str:folder>/<str:filename>/",

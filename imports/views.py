@@ -3,6 +3,7 @@ from datetime import UTC, datetime, timedelta
 
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
+from django.core.exceptions import PermissionDenied
 from django.db.models import Sum
 from django.db.models.functions import TruncDate
 from django.http import FileResponse, Http404
@@ -12,8 +13,18 @@ from django.views.decorators.http import require_POST
 
 from datacenter.views import paginate
 
+from .forms import OutgoingFileForm
 from .models import CdsSource, ImportRun
 from .runs import enqueue_import, interrupt_dead_runs
+from .spool import FileStore
+
+# The folders of a source's spool page: the import's, and the outgoing spool's.
+SPOOL_FOLDERS = {
+    "new": ("store", "new"),
+    "cur": ("store", "cur"),
+    "out-new": ("outgoing_store", "new"),
+    "out-cur": ("outgoing_store", "cur"),
+}
 
 CHART_DAYS = 30
 CHART_HEIGHT = 100  # SVG units; each day is 10 wide
@@ -62,7 +73,12 @@ def files_per_day(days: int = CHART_DAYS) -> list[dict]:
 def overview(request):
     interrupt_dead_runs()
     sources = [
-        {"source": source, "last_run": source.last_run(), "waiting": waiting_files(source)}
+        {
+            "source": source,
+            "last_run": source.last_run(),
+            "last_export": source.last_run(ImportRun.EXPORT) if source.export_dir else None,
+            "waiting": waiting_files(source),
+        }
         for source in CdsSource.objects.all()
     ]
     chart = files_per_day()
@@ -76,6 +92,15 @@ def run_now(request, name):
     source = get_object_or_404(CdsSource, name=name)
     run = enqueue_import(source, trigger="page", user=request.user)
     messages.success(request, f"Queued an import of {source}.")
+    return redirect(run)
+
+
+@imports_permission("run_import")
+@require_POST
+def export_now(request, name):
+    source = get_object_or_404(CdsSource.objects.exclude(export_dir=""), name=name)
+    run = enqueue_import(source, trigger="page", user=request.user, direction=ImportRun.EXPORT)
+    messages.success(request, f"Queued an export to {source}.")
     return redirect(run)
 
 
@@ -111,11 +136,18 @@ def run(request, pk):
     return render(request, "imports/run.html", context)
 
 
-def spool_file(source: CdsSource, folder: str, filename: str) -> str:
-    if folder not in {"new", "cur"}:
+def spool_folder(source: CdsSource, folder: str) -> tuple[FileStore, str]:
+    """The spool and its folder that a spool page's `folder` names."""
+    if folder not in SPOOL_FOLDERS:
         raise Http404("No such folder.")
+    store, subfolder = SPOOL_FOLDERS[folder]
+    return getattr(source, store), subfolder
+
+
+def spool_file(source: CdsSource, folder: str, filename: str) -> str:
+    store, subfolder = spool_folder(source, folder)
     try:
-        path = source.store.path_of(folder, filename)
+        path = store.path_of(subfolder, filename)
     except FileNotFoundError:
         raise Http404("No such file.") from None
     if os.path.islink(path) or not os.path.isfile(path):
@@ -127,10 +159,20 @@ def spool_file(source: CdsSource, folder: str, filename: str) -> str:
 def spool(request, name):
     source = get_object_or_404(CdsSource, name=name)
     folder = request.GET.get("folder", "new")
-    if folder not in {"new", "cur"}:
+    if folder not in SPOOL_FOLDERS:
         folder = "new"
+    store, subfolder = spool_folder(source, folder)
+    form = OutgoingFileForm()
+    if request.method == "POST":
+        if not request.user.has_perm("imports.run_import") or not source.export_dir:
+            raise PermissionDenied
+        form = OutgoingFileForm(request.POST, request.FILES, source=source)
+        if form.is_valid() and (name := form.save()):
+            messages.success(request, f"{name} waits in the outgoing spool for the next export.")
+            return redirect(f"{source.get_absolute_url()}?folder=out-new")
+        folder, store, subfolder = "out-new", source.outgoing_store, "new"
     try:
-        paths = source.store.list(folder)
+        paths = store.list(subfolder)
     except FileNotFoundError:
         paths = []
     files = []
@@ -144,9 +186,8 @@ def spool(request, name):
             }
         )
     page = paginate(request, files)
-    return render(
-        request, "imports/spool.html", {"source": source, "folder": folder, "page": page}
-    )
+    context = {"source": source, "folder": folder, "page": page, "form": form}
+    return render(request, "imports/spool.html", context)
 
 
 @imports_permission("view_importrun")

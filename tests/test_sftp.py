@@ -267,3 +267,31 @@ def test_exporter_killed_mid_upload_then_rerun(start_sshd, tmp_path, cds_log):
     log = messages(cds_log)
     assert any(m.startswith("Removing a stale lock file of our own: write") for m in log)
     assert "Removed an upload an earlier run left unfinished: big.bin" in log
+
+
+def test_the_devserver_command_serves_a_folder_over_sftp(tmp_path, spool):
+    root = tmp_path / "root"
+    (root / "outbox").mkdir(parents=True)
+    (root / "inbox").mkdir()
+    (root / "outbox" / "a.xml").write_bytes(b"<a/>")
+    command = ["manage.py", "cds_devserver", "--protocol", "sftp", "--root", str(root)]
+    command += ["--port", "0", "--host-key", str(tmp_path / "host_key")]
+    server = subprocess.Popen(
+        [sys.executable, *command], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        port = int(server.stdout.readline().split("sftp://127.0.0.1:")[1].split("/")[0])
+        host_key = server.stdout.readline().removeprefix("Host key: ").strip()
+        options = {"protocol": "sftp", "host_key": host_key, "timeout": 10}
+        imported = import_(str(spool), "127.0.0.1", port, "cds", "cds", "/outbox", **options)
+        store = outgoing(tmp_path, {"b.xml": b"<b/>"})
+        exported = export_(str(store), "127.0.0.1", port, "cds", "cds", "/inbox", **options)
+    finally:
+        server.terminate()
+        server.wait()
+
+    assert imported.status == cds.SUCCESS, imported.error
+    assert spooled(spool) == {"a.xml": b"<a/>"}
+    assert exported.status == cds.SUCCESS, exported.error
+    assert (root / "inbox" / "b.xml").read_bytes() == b"<b/>"
+    assert os.listdir(root / "outbox") == []

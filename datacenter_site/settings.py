@@ -240,5 +240,9 @@ LOGGING = {
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": os.environ.get("DJANGO_LOG_LEVEL", "INFO")},
-    "loggers": {"imports.cds": {"level": "INFO"}},
+    "loggers": {
+        "imports.cds": {"level": "INFO"},
+        # The run's own log says what matters; paramiko's INFO lines are noise in cron mail.
+        "paramiko": {"level": "WARNING"},
+    },
 }

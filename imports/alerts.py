@@ -30,10 +30,21 @@ ALERT, RECOVERY = "alert", "recovery"
 
 
 def problem(source: CdsSource, now: datetime) -> str | None:
-    """Why `source` is bad at `now`, in words, or None when it is fine."""
+    """Why `source` is bad at `now`, in words, or None when it is fine. Imports and exports
+    (for a source with an export directory) are judged apart: succeeding imports do not hide
+    failing exports."""
     if not (source.alert_after_failures or source.alert_after_hours):
         return None
     runs = source.runs.filter(finished__isnull=False, finished__lte=now)
+    reason = _problem(source, runs.filter(direction=ImportRun.IMPORT), now)
+    if reason is None and source.export_dir:
+        reason = _problem(source, runs.filter(direction=ImportRun.EXPORT), now)
+        if reason:
+            reason = f"Exports: {reason}"
+    return reason
+
+
+def _problem(source: CdsSource, runs, now: datetime) -> str | None:
     last_success = (
         runs.filter(status__in=SUCCEEDED).order_by("-finished").values_list("finished", flat=True)
     ).first()
@@ -92,9 +103,10 @@ def recipients(source: CdsSource) -> list[str]:
 
 
 def _send_alert(source: CdsSource) -> bool:
-    last = source.last_run()
+    direction = ImportRun.EXPORT if source.alert_reason.startswith("Exports:") else "import"
+    last = source.last_run(direction)
     lines = [
-        f"The CDS import of {source.name} needs attention: {source.alert_reason}",
+        f"The CDS {direction} of {source.name} needs attention: {source.alert_reason}",
         "",
         f"Bad since: {_time(source.alert_since)}",
         f"Server: {source.host}:{source.port}{source.remote_dir} ({source.protocol})",

@@ -195,3 +195,21 @@ def test_a_recovery_is_told_only_after_an_alert_was(source, managers, smtp_serve
 def test_cds_check_refuses_unknown_sources(source):
     with pytest.raises(Exception, match=r"Unknown source: nope \(known: partner\)\."):
         call_command("cds_check", "nope")
+
+
+def test_failing_exports_alert_even_while_imports_succeed(source, managers, smtp_server):
+    from imports.runs import run_export
+
+    source.alert_after_failures = 2
+    source.export_dir = "/missing-inbox"
+    source.save()
+    source.outgoing_store.prepare()
+    source.outgoing_store.add_new("a.xml", [b"a"])
+
+    for _ in range(2):
+        assert run_import(source, trigger="cron").status == ImportRun.NOTHING
+        assert run_export(source, trigger="cron").status == ImportRun.FAILED
+
+    [alert] = smtp_server.received
+    assert alert["Subject"] == "[Datacenter] CDS source partner: Exports: The last 2 runs failed."
+    assert "The CDS export of partner needs attention" in body(alert)

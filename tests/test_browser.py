@@ -173,6 +173,32 @@ def test_run_an_import_from_the_overview_and_watch_it_complete(page, clerk, sour
     expect(page.get_by_role("row", name="partner")).to_contain_text("1")
 
 
+def test_send_a_file_to_the_partner_from_the_spool_page(page, clerk, source, ftp_server, tmp_path):
+    clerk.user_permissions.add(
+        *Permission.objects.filter(codename__in=["view_importrun", "run_import"])
+    )
+    (ftp_server.root / "inbox").mkdir()
+    source.export_dir = "/inbox"
+    source.save()
+    reply = write(tmp_path / "reply.xml", "<reply/>")
+    log_in(page, "clerk")
+
+    page.get_by_role("link", name="CDS imports").click()
+    page.get_by_role("link", name="partner").click()
+    page.get_by_role("link", name="outgoing: new").click()
+    page.get_by_label("File to send").set_input_files(reply)
+    page.get_by_role("button", name="Add to the outgoing spool").click()
+    expect(page.get_by_role("alert")).to_contain_text("reply.xml waits in the outgoing spool")
+    expect(page.locator("#spool-files")).to_contain_text("reply.xml")
+    page.get_by_role("button", name="Export now").click()
+    expect(page.locator("#run-status")).to_have_text("queued")
+    run_worker()
+
+    expect(page.locator("#run-status")).to_have_text("success")
+    expect(page.locator("#run-log")).to_contain_text("Moved from 'new' to 'cur': reply.xml")
+    assert (ftp_server.root / "inbox" / "reply.xml").read_bytes() == b"<reply/>"
+
+
 def test_process_a_file_as_a_background_job_and_fix_two_rows_in_the_editor(
     page, clerk, datacenter, settings
 ):

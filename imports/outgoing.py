@@ -15,6 +15,7 @@ goes to ``cur/`` instead of being sent again. A file that fails alone stays in `
 next run.
 """
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -235,7 +236,9 @@ def _upload(transport, store: FileStore, name: str, on_server: set[bytes], resul
     except (*SERVER_ERRORS, TransferError) as exc:
         outcome.reason = str(exc) or type(exc).__name__
         log.error("Could not upload %s (%s); it stays in new/.", name, outcome.reason)
-        _remove_quietly(transport, temp)
+        # Absent, or the connection is gone: the next upload of the file starts anew.
+        with contextlib.suppress(*SERVER_ERRORS, *CONNECTION_ERRORS):
+            transport.delete(temp)
         with spool_errors():
             store.remove_record(UPLOAD_RECORD)
         result.add(outcome)
@@ -260,13 +263,6 @@ def _archive(store: FileStore, name: str) -> None:
         log.info("Moved from 'new' to 'cur': %s", name)
     else:
         log.info("Moved from 'new' to 'cur': %s (as %s)", name, final)
-
-
-def _remove_quietly(transport, raw: bytes) -> None:
-    try:
-        transport.delete(raw)
-    except (*SERVER_ERRORS, *CONNECTION_ERRORS):
-        pass  # absent, or the connection is gone: the next upload of the file starts anew
 
 
 def _finish_upload(transport, store: FileStore, result: ExportResult) -> None:

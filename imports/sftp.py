@@ -81,8 +81,6 @@ class _sftp_errors:
 class SftpTransport:
     """An SFTP session over SSH, the host key checked against `host_key` before login."""
 
-    mlsd = False
-
     def __init__(
         self,
         host: str,

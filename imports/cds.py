@@ -10,18 +10,15 @@ that dies anywhere is repaired by the next one: partial downloads are discarded,
 finish their journey without being downloaded twice.
 """
 
-import functools
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
 from .fetch import FileOutcome, SpoolError, fetch, finish_journeys, repair, spool_errors
 from .outgoing import ExportResult, export_
 from .protocol import (
-    ACTIVE_LOCKS,
     FAILED,
     LOCK_NAMES,
     LOCKED,
@@ -30,21 +27,14 @@ from .protocol import (
     SUCCESS,
     WRITE_LOCK,
     RunResult,
-    connect,
-    connect_in,
-    create_lock,
-    lock_in_the_way,
     name_problem,
-    remove_lock,
+    run_under_lock,
 )
 from .spool import FileStore
 from .transports import (
-    CONNECTION_ERRORS,
-    SERVER_ERRORS,
     PermanentError,
     RemoteEntry,
     TemporaryError,
-    open_transport,
 )
 
 __all__ = [
@@ -123,43 +113,8 @@ def import_(
         log.error("Could not write to the spool: %s", exc)
         return result.fail(exc)
     log.info("Accessed filestore %s", store_dir)
-    log.info(
-        "Connecting to CDS FTP server (host %s, port %s, user %s, dir %s)", host, port, user, path
-    )
-    server = f"{protocol}://{user}@{host}:{port}/{path.lstrip('/')}"
 
-    open_connection = functools.partial(
-        open_transport,
-        protocol,
-        host,
-        port,
-        user,
-        password,
-        timeout=timeout,
-        passive=passive,
-        ca_file=ca_file,
-        host_key=host_key,
-        key_file=key_file,
-        passphrase=passphrase,
-    )
-    reconnect = connect_in(path, open_connection)
-    transport = connect(result, open_connection)
-    if transport is None:
-        return result
-
-    token = uuid.uuid4().hex
-    locked = False
-    try:
-        transport.cwd(path)
-        lock = lock_in_the_way(transport, store, server, lock_lease, claimed, READ_LOCK)
-        if lock:
-            log.info("Cannot access CDS FTP server as '%s' lockfile exists.", lock)
-            transport.close()
-            log.warning("Exiting.")
-            result.status = LOCKED
-            return result
-        locked = True
-        create_lock(transport, store, READ_LOCK, server, run_label, token)
+    def work(transport, reconnect) -> None:
         with spool_errors():
             journeys = repair(store)
         listing = transport.list()
@@ -169,37 +124,36 @@ def import_(
             candidates = _stable(transport, candidates, stable_after, stability_interval, result)
         if not candidates:
             log.info("No new files to import.")
-        else:
-            if progress:
-                progress(0, len(candidates))
-            errors = fetch(
-                candidates,
-                transport,
-                reconnect,
-                store,
-                _reporter(result, len(candidates), progress),
-                parallel=parallel,
-            )
-            if errors:
-                raise errors[0]
-    except (SpoolError, *SERVER_ERRORS, *CONNECTION_ERRORS) as exc:
-        if isinstance(exc, SpoolError):
-            log.error("Could not write to the spool: %s", exc)
-        else:
-            log.error("Error accessing FTP server.")
-        transport.close()
-        if locked:
-            # A transfer may have been cut off half-way: the old connection cannot be trusted
-            # to answer the next command, so the lock goes on a new one.
-            remove_lock(None, reconnect, store, READ_LOCK)
-            log.info("Disconnected from CDS FTP server")
-        return result.fail(exc)
-    finally:
-        ACTIVE_LOCKS.discard(token)
+            return
+        if progress:
+            progress(0, len(candidates))
+        report = _reporter(result, len(candidates), progress)
+        errors = fetch(candidates, transport, reconnect, store, report, parallel=parallel)
+        if errors:
+            raise errors[0]
 
-    remove_lock(transport, reconnect, store, READ_LOCK)
-    log.info("Disconnected from CDS FTP server")
-    return result.finish("could not be imported and stay on the server.")
+    return run_under_lock(
+        result,
+        store,
+        READ_LOCK,
+        work,
+        host=host,
+        port=port,
+        user=user,
+        password=password,
+        path=path,
+        protocol=protocol,
+        lock_lease=lock_lease,
+        claimed=claimed,
+        run_label=run_label,
+        failed_files="could not be imported and stay on the server.",
+        timeout=timeout,
+        passive=passive,
+        ca_file=ca_file,
+        host_key=host_key,
+        key_file=key_file,
+        passphrase=passphrase,
+    )
 
 
 # Listing

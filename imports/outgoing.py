@@ -16,33 +16,24 @@ next run.
 """
 
 import contextlib
-import functools
 import hashlib
 import logging
 import os
-import uuid
 from collections.abc import Callable
 
 from .fetch import FileOutcome, SpoolError, TransferError, spool_errors
 from .protocol import (
-    ACTIVE_LOCKS,
-    LOCKED,
     NOTHING,
     WRITE_LOCK,
     RunResult,
-    connect,
-    connect_in,
-    create_lock,
-    lock_in_the_way,
     name_problem,
-    remove_lock,
+    run_under_lock,
 )
 from .spool import FileStore
 from .transports import (
     CONNECTION_ERRORS,
     SERVER_ERRORS,
     PermanentError,
-    open_transport,
 )
 
 log = logging.getLogger("imports.cds")
@@ -104,17 +95,35 @@ def export_(
         log.info("Exiting with success.")
         result.status = NOTHING
         return result
-    log.info(
-        "Connecting to CDS FTP server (host %s, port %s, user %s, dir %s)", host, port, user, path
-    )
-    server = f"{protocol}://{user}@{host}:{port}/{path.lstrip('/')}"
-    open_connection = functools.partial(
-        open_transport,
-        protocol,
-        host,
-        port,
-        user,
-        password,
+
+    def work(transport, reconnect) -> None:
+        _finish_upload(transport, store, result)
+        with spool_errors():
+            waiting = _exportable(store, None)
+        if not waiting:
+            log.info("No new files to export.")
+            return
+        on_server = {entry.raw for entry in transport.list(with_links=False)}
+        for done, name in enumerate(waiting, 1):
+            _upload(transport, store, name, on_server, result)
+            if progress:
+                progress(done, len(waiting))
+
+    return run_under_lock(
+        result,
+        store,
+        WRITE_LOCK,
+        work,
+        host=host,
+        port=port,
+        user=user,
+        password=password,
+        path=path,
+        protocol=protocol,
+        lock_lease=lock_lease,
+        claimed=claimed,
+        run_label=run_label,
+        failed_files="could not be exported and stay in new/.",
         timeout=timeout,
         passive=passive,
         ca_file=ca_file,
@@ -122,52 +131,6 @@ def export_(
         key_file=key_file,
         passphrase=passphrase,
     )
-    reconnect = connect_in(path, open_connection)
-    transport = connect(result, open_connection)
-    if transport is None:
-        return result
-
-    token = uuid.uuid4().hex
-    locked = False
-    try:
-        transport.cwd(path)
-        lock = lock_in_the_way(transport, store, server, lock_lease, claimed, WRITE_LOCK)
-        if lock:
-            log.info("Cannot access CDS FTP server as '%s' lockfile exists.", lock)
-            transport.close()
-            log.warning("Exiting.")
-            result.status = LOCKED
-            return result
-        locked = True
-        create_lock(transport, store, WRITE_LOCK, server, run_label, token)
-        _finish_upload(transport, store, result)
-        with spool_errors():
-            waiting = _exportable(store, None)
-        if not waiting:
-            log.info("No new files to export.")
-        else:
-            on_server = {entry.raw for entry in transport.list(with_links=False)}
-            for done, name in enumerate(waiting, 1):
-                _upload(transport, store, name, on_server, result)
-                if progress:
-                    progress(done, len(waiting))
-    except (SpoolError, *SERVER_ERRORS, *CONNECTION_ERRORS) as exc:
-        if isinstance(exc, SpoolError):
-            log.error("Could not write to the outgoing spool: %s", exc)
-        else:
-            log.error("Error accessing FTP server.")
-        transport.close()
-        if locked:
-            # An upload may have been cut off half-way: the lock goes on a new connection.
-            remove_lock(None, reconnect, store, WRITE_LOCK)
-            log.info("Disconnected from CDS FTP server")
-        return result.fail(exc)
-    finally:
-        ACTIVE_LOCKS.discard(token)
-
-    remove_lock(transport, reconnect, store, WRITE_LOCK)
-    log.info("Disconnected from CDS FTP server")
-    return result.finish("could not be exported and stay in new/.")
 
 
 def _exportable(store: FileStore, result: ExportResult | None) -> list[str]:

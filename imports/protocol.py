@@ -11,9 +11,11 @@ delete a file but not read it. Our lock whose run is gone is removed with a log 
 else's is respected.
 """
 
+import functools
 import logging
 import os
 import ssl
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,9 +23,9 @@ from io import BytesIO
 
 from datacenter.processes import HOST, died_on_this_host
 
-from .fetch import FileOutcome, spool_errors
+from .fetch import FileOutcome, SpoolError, spool_errors
 from .spool import FileStore
-from .transports import CONNECTION_ERRORS, SERVER_ERRORS, HostKeyError
+from .transports import CONNECTION_ERRORS, SERVER_ERRORS, HostKeyError, open_transport
 
 log = logging.getLogger("imports.cds")
 
@@ -77,6 +79,77 @@ class RunResult:
             self.status = SUCCESS if self.delivered else NOTHING
             log.info("Exiting with success.")
         return self
+
+
+def run_under_lock(
+    result: RunResult,
+    store: FileStore,
+    own: str,
+    work: Callable,
+    *,
+    host: str,
+    port: int,
+    user: str,
+    password: str,
+    path: str,
+    protocol: str,
+    lock_lease: float,
+    claimed: bool,
+    run_label: str,
+    failed_files: str,
+    **transport_options,
+) -> RunResult:
+    """Connect, take the lock `own` in the directory `path` and do `work(transport,
+    reconnect)` under it; then remove the lock, whatever failed, and return `result`.
+
+    `work` raises SpoolError, a server error or a connection error to end the run failed;
+    `reconnect()` opens another connection in `path`. When the lock cannot be taken the run
+    ends `locked`. `failed_files` ends the error of a run in which files failed.
+    """
+    log.info(
+        "Connecting to CDS FTP server (host %s, port %s, user %s, dir %s)", host, port, user, path
+    )
+    server = f"{protocol}://{user}@{host}:{port}/{path.lstrip('/')}"
+    open_connection = functools.partial(
+        open_transport, protocol, host, port, user, password, **transport_options
+    )
+    reconnect = connect_in(path, open_connection)
+    transport = connect(result, open_connection)
+    if transport is None:
+        return result
+
+    token = uuid.uuid4().hex
+    locked = False
+    try:
+        transport.cwd(path)
+        lock = lock_in_the_way(transport, store, server, lock_lease, claimed, own)
+        if lock:
+            log.info("Cannot access CDS FTP server as '%s' lockfile exists.", lock)
+            transport.close()
+            log.warning("Exiting.")
+            result.status = LOCKED
+            return result
+        locked = True
+        create_lock(transport, store, own, server, run_label, token)
+        work(transport, reconnect)
+    except (SpoolError, *SERVER_ERRORS, *CONNECTION_ERRORS) as exc:
+        if isinstance(exc, SpoolError):
+            log.error("Could not write to the spool: %s", exc)
+        else:
+            log.error("Error accessing FTP server.")
+        transport.close()
+        if locked:
+            # A transfer may have been cut off half-way: the old connection cannot be trusted
+            # to answer the next command, so the lock goes on a new one.
+            remove_lock(None, reconnect, store, own)
+            log.info("Disconnected from CDS FTP server")
+        return result.fail(exc)
+    finally:
+        ACTIVE_LOCKS.discard(token)
+
+    remove_lock(transport, reconnect, store, own)
+    log.info("Disconnected from CDS FTP server")
+    return result.finish(failed_files)
 
 
 def connect(result: RunResult, open_connection: Callable):

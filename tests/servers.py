@@ -61,7 +61,40 @@ def make_certificate(folder: Path, name: str = "127.0.0.1") -> tuple[Path, Path]
     return cert, key
 
 
-class Vsftpd:
+class ServerProcess:
+    """A server of Debian's that a test started: `start(**options)` (re)starts it on the same
+    port, and its exchange directory is `dir`."""
+
+    def launch(self, command: list[str], **popen) -> None:
+        self.process = subprocess.Popen(command, **popen)
+        try:
+            wait_for_port(self.port, self.process, self.log)
+        except RuntimeError:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        if self.process.stderr:
+            self.process.stderr.close()
+
+    def restart(self, **options) -> None:
+        self.stop()
+        self.start(**options)
+
+    def put(self, name: str | bytes, data: bytes = b"data") -> None:
+        """A file the partner published: readable by all, as partners' files are."""
+        path = os.path.join(bytes(self.dir), os.fsencode(name))
+        with open(path, "wb") as handle:
+            handle.write(data)
+        os.chmod(path, 0o644)
+
+    def names(self) -> list[bytes]:
+        return sorted(os.listdir(bytes(self.dir)))
+
+
+class Vsftpd(ServerProcess):
     """Debian's vsftpd serving an anonymous drop box `root/outbox`, with its defaults of a
     write-only drop box (uploads stored 0600 and never sent back) unless `options` say else.
     """
@@ -107,23 +140,7 @@ class Vsftpd:
         self.config = self.base / "vsftpd.conf"
         self.config.write_text("".join(f"{key}={value}\n" for key, value in config.items()))
         os.chmod(self.config, 0o600)
-        self.process = subprocess.Popen(
-            [VSFTPD, str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        try:
-            wait_for_port(self.port, self.process, self.log)
-        except RuntimeError:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        self.process.kill()
-        self.process.wait()
-        self.process.stderr.close()
-
-    def restart(self, **options) -> None:
-        self.stop()
-        self.start(**options)
+        self.launch([VSFTPD, str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def options(self, store_dir, **extra) -> dict:
         """The arguments of imports.cds.import_ for this server."""
@@ -137,16 +154,6 @@ class Vsftpd:
             "timeout": 10,
             **extra,
         }
-
-    def put(self, name: str | bytes, data: bytes = b"data") -> None:
-        """A file the partner published: readable by all, as partners' files are."""
-        path = os.path.join(bytes(self.dir), os.fsencode(name))
-        with open(path, "wb") as handle:
-            handle.write(data)
-        os.chmod(path, 0o644)
-
-    def names(self) -> list[bytes]:
-        return sorted(os.listdir(bytes(self.dir)))
 
 
 SSHD = "/usr/sbin/sshd"
@@ -162,7 +169,7 @@ def make_ssh_key(path: Path, passphrase: str = "") -> tuple[Path, str]:
     return path, path.with_suffix(".pub").read_text().strip()
 
 
-class Sshd:
+class Sshd(ServerProcess):
     """Debian's OpenSSH server with the SFTP subsystem internal-sftp and nothing else,
     letting this test's own key log in as the current user; the exchange directory is
     `root/outbox` (an absolute path on the server)."""
@@ -209,22 +216,7 @@ class Sshd:
         self.config = self.base / "sshd_config"
         self.config.write_text("".join(f"{key} {value}\n" for key, value in config.items()))
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                [SSHD, "-D", "-e", "-f", str(self.config)], stdout=log, stderr=log
-            )
-        try:
-            wait_for_port(self.port, self.process, self.log)
-        except RuntimeError:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        self.process.kill()
-        self.process.wait()
-
-    def restart(self, **options) -> None:
-        self.stop()
-        self.start(**options)
+            self.launch([SSHD, "-D", "-e", "-f", str(self.config)], stdout=log, stderr=log)
 
     def options(self, store_dir, **extra) -> dict:
         """The arguments of imports.cds.import_ for this server."""
@@ -241,10 +233,3 @@ class Sshd:
             "timeout": 10,
             **extra,
         }
-
-    def put(self, name: str | bytes, data: bytes = b"data") -> None:
-        with open(os.path.join(bytes(self.dir), os.fsencode(name)), "wb") as handle:
-            handle.write(data)
-
-    def names(self) -> list[bytes]:
-        return sorted(os.listdir(bytes(self.dir)))

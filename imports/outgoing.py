@@ -97,17 +97,16 @@ def export_(
         return result
 
     def work(transport, reconnect) -> None:
-        _finish_upload(transport, store, result)
-        with spool_errors():
-            waiting = _exportable(store, None)
-        if not waiting:
+        finished = _finish_upload(transport, store, result)
+        to_send = [name for name in waiting if name != finished]
+        if not to_send:
             log.info("No new files to export.")
             return
         on_server = {entry.raw for entry in transport.list(with_links=False)}
-        for done, name in enumerate(waiting, 1):
+        for done, name in enumerate(to_send, 1):
             _upload(transport, store, name, on_server, result)
             if progress:
-                progress(done, len(waiting))
+                progress(done, len(to_send))
 
     return run_under_lock(
         result,
@@ -133,17 +132,16 @@ def export_(
     )
 
 
-def _exportable(store: FileStore, result: ExportResult | None) -> list[str]:
-    """The names in ``new/`` to send, in order; with `result`, names no server could take
-    are logged and recorded as skipped."""
+def _exportable(store: FileStore, result: ExportResult) -> list[str]:
+    """The names in ``new/`` to send, in order; names no server could take are logged and
+    recorded as skipped."""
     names = []
     for path in store.list("new"):
         name = os.path.basename(path)
         reason = name_problem(name)
         if reason:
-            if result is not None:
-                log.info("Skipping %r: %s.", name, reason)
-                result.add(FileOutcome(name, None, "skipped", reason=reason))
+            log.info("Skipping %r: %s.", name, reason)
+            result.add(FileOutcome(name, None, "skipped", reason=reason))
             continue
         names.append(name)
     return names
@@ -228,25 +226,27 @@ def _archive(store: FileStore, name: str) -> None:
         log.info("Moved from 'new' to 'cur': %s (as %s)", name, final)
 
 
-def _finish_upload(transport, store: FileStore, result: ExportResult) -> None:
+def _finish_upload(transport, store: FileStore, result: ExportResult) -> str | None:
     """Finish what a run that died left of its upload: a temporary file on the server is
-    removed (the file is sent again); a file renamed on the server goes to ``cur/``."""
+    removed (the file is sent again); a file renamed on the server goes to ``cur/``, and
+    its name is returned."""
     with spool_errors():
         record = store.record(UPLOAD_RECORD)
     if record is None:
-        return
-    name = record.get("name", "")
+        return None
+    name, delivered = record.get("name", ""), None
     if not {"name", "raw", "temp", "size", "phase"} <= record.keys():
         log.warning("Dropped an unreadable record of an earlier upload.")
     elif _removed(transport, bytes.fromhex(record["temp"])):
         log.warning("Removed an upload an earlier run left unfinished: %s", name)
     elif (
         record["phase"] == RENAMING
-        and _size(transport, bytes.fromhex(record["raw"])) == (record["size"])
+        and _size(transport, bytes.fromhex(record["raw"])) == record["size"]
     ):
         log.info("Completed the export of an earlier run: %s", name)
         if os.path.exists(store.path_of("new", name)):
             _archive(store, name)
+        delivered = name
         result.add(
             FileOutcome(
                 name,
@@ -258,6 +258,7 @@ def _finish_upload(transport, store: FileStore, result: ExportResult) -> None:
         )
     with spool_errors():
         store.remove_record(UPLOAD_RECORD)
+    return delivered
 
 
 def _removed(transport, raw: bytes) -> bool:

@@ -61,7 +61,8 @@ class Command(BaseCommand):
         if all_enabled:
             return list(self.sources().filter(enabled=True))
         sources = named_sources(names)
-        unable = [source.name for source in sources if source not in self.sources()]
+        able = set(self.sources().values_list("pk", flat=True))
+        unable = [source.name for source in sources if source.pk not in able]
         if unable:
             raise CommandError(f"No export directory is set for: {', '.join(unable)}.")
         return sources

@@ -17,8 +17,10 @@ run from their journal.
 import collections
 import contextlib
 import contextvars
+import fcntl
 import hashlib
 import logging
+import mmap
 import os
 import threading
 import time
@@ -35,6 +37,10 @@ BATCH_SECONDS = 0.25
 # A file this large takes long enough to be worth its own sync; the batch before it is
 # delivered first rather than wait for it.
 LARGE_FILE = 1024 * 1024
+# Direct writes go in blocks of this size from an address, and to an offset, that are
+# multiples of ALIGNMENT (the largest logical block size of disks).
+DIRECT_BLOCK = 1024 * 1024
+ALIGNMENT = 4096
 
 
 class TransferError(Exception):
@@ -249,47 +255,108 @@ class _Connection:
             self.store.finish_journal(journal)
 
 
-class _HashingWriter:
-    """The sink of a download: writes to the partial file, hashing."""
+class _PartialFile:
+    """The sink of a download: the partial file, hashed as it is written.
 
-    def __init__(self, handle):
-        self.handle = handle
+    A large file goes around the page cache (O_DIRECT), in whole blocks from one page-aligned
+    buffer: its batch's sync must put every byte on the disk anyway, and the copy into the
+    cache costs about as much processor time as the SHA-256 (measured in bench/README.md).
+    The last bytes that do not fill a block, and every file where the filesystem refuses
+    direct writes, go through the cache.
+    """
+
+    def __init__(self, path: str, direct: bool):
+        with spool_errors():
+            self.fd = _open_partial(path)
+        direct = direct and _write_around_cache(self.fd, True)
+        self.buffer = mmap.mmap(-1, DIRECT_BLOCK) if direct else None
+        self.filled = self.size = 0
         self.digest = hashlib.sha256()
 
-    def write(self, chunk: bytes) -> None:
-        with spool_errors():
-            self.handle.write(chunk)
+    def write(self, chunk) -> None:
         self.digest.update(chunk)
+        self.size += len(chunk)
+        with spool_errors():
+            if self.buffer is None:
+                _write_all(self.fd, chunk)
+                return
+            view = memoryview(chunk)
+            while view:
+                taken = min(len(view), DIRECT_BLOCK - self.filled)
+                self.buffer[self.filled : self.filled + taken] = view[:taken]
+                self.filled += taken
+                view = view[taken:]
+                if self.filled == DIRECT_BLOCK:
+                    self._write_buffer(DIRECT_BLOCK)
+
+    def finish(self) -> int:
+        """Write what is still buffered; return the size of the file."""
+        if self.filled:
+            with spool_errors():
+                aligned = self.filled - self.filled % ALIGNMENT
+                if aligned:
+                    self._write_buffer(aligned)
+                if self.filled:
+                    _write_around_cache(self.fd, False)
+                    self._write_buffer(self.filled)
+        return self.size
+
+    def close(self) -> None:
+        if self.buffer is not None:
+            self.buffer.close()
+        os.close(self.fd)
+
+    def _write_buffer(self, length: int) -> None:
+        """Write the first `length` bytes of the buffer and keep the rest at its start."""
+        with memoryview(self.buffer) as view:
+            _write_all(self.fd, view[:length])
+            self.buffer.move(0, length, self.filled - length)
+        self.filled -= length
 
 
-def _open_partial(path: str):
-    return open(path, "xb")
+def _open_partial(path: str) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+
+
+def _write_around_cache(fd: int, on: bool) -> bool:
+    """Switch direct writes of `fd` on or off; False where the filesystem has none."""
+    direct = getattr(os, "O_DIRECT", 0)
+    if not direct:
+        return False
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | direct if on else flags & ~direct)
+    except OSError:  # EINVAL: not on this filesystem
+        return False
+    return True
+
+
+def _write_all(fd: int, data) -> None:
+    with memoryview(data) as view:
+        while view:
+            view = view[os.write(fd, view) :]
 
 
 def _download(transport, store: FileStore, remote: RemoteEntry, local: str) -> tuple[str, int]:
     """Fetch `remote` into its partial file; return its SHA-256 and size. The file is
     complete but not yet durable: its batch makes it so."""
-    partial = store.partial_path(local)
+    path = store.partial_path(local)
     try:
-        with spool_errors():
-            handle = _open_partial(partial)
+        sink = _PartialFile(path, direct=remote.size is not None and remote.size >= LARGE_FILE)
         try:
-            writer = _HashingWriter(handle)
-            transport.retrieve(remote.raw, writer)
-            with spool_errors():
-                handle.flush()
-                received = handle.tell()
+            transport.retrieve(remote.raw, sink)
+            received = sink.finish()
         finally:
-            with contextlib.suppress(OSError):  # the flush above reported any failure
-                handle.close()
+            with contextlib.suppress(OSError):  # finish() above reported any failure
+                sink.close()
         expected = remote.size if remote.size is not None else transport.size(remote.raw)
         if expected is not None and received != expected:
             raise TransferError(f"received {received} of {expected} bytes")
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(partial)
+            os.unlink(path)
         raise
-    return writer.digest.hexdigest(), received
+    return sink.digest.hexdigest(), received
 
 
 def _discard(store: FileStore, local: str) -> None:

@@ -7,12 +7,23 @@ import threading
 
 from pyftpdlib.authorizers import DummyAuthorizer
 from pyftpdlib.filesystems import AbstractedFS
-from pyftpdlib.handlers import FTPHandler
+from pyftpdlib.handlers import FTPHandler, ThrottledDTPHandler
 from pyftpdlib.servers import FTPServer
 
 logging.getLogger("pyftpdlib").setLevel(logging.WARNING)
 
 USER, PASSWORD, DIRECTORY = "partner", "secret", "outbox"
+
+
+# Large enough that a file stays in transfer for seconds at SLOW_RATE, and that its partial
+# file has data early: large files are written in blocks of 1 MiB (fetch.DIRECT_BLOCK).
+SLOW_RATE = 512 * 1024
+LARGE_PAYLOAD = 8 * 1024 * 1024
+
+
+def slow_dtp() -> type[ThrottledDTPHandler]:
+    """A data channel that sends SLOW_RATE bytes a second until its `write_limit` is set to 0."""
+    return type("SlowDTP", (ThrottledDTPHandler,), {"read_limit": 0, "write_limit": SLOW_RATE})
 
 
 class ServerThread:

@@ -12,7 +12,6 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from pyftpdlib.handlers import ThrottledDTPHandler
 
 from imports import cds, fetch
 from imports.cds import import_
@@ -20,7 +19,7 @@ from imports.spool import FileStore
 from imports.transports import FtpTransport
 
 from .conftest import kill_when, written
-from .ftp import FaultyFS
+from .ftp import LARGE_PAYLOAD, FaultyFS, slow_dtp
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -306,9 +305,9 @@ def test_a_journal_entry_whose_file_is_not_what_was_journaled_is_discarded(
 
 
 def test_an_importer_killed_mid_file_is_repaired_by_the_next_run(start_ftp_server, spool):
-    slow = type("SlowDTP", (ThrottledDTPHandler,), {"read_limit": 0, "write_limit": 64 * 1024})
+    slow = slow_dtp()
     server = start_ftp_server(dtp_handler=slow)
-    payload = os.urandom(2 * 1024 * 1024)
+    payload = os.urandom(LARGE_PAYLOAD)
     server.put("big.bin", payload)
     script = (
         "import sys; from imports.cds import import_; "
@@ -590,6 +589,89 @@ def test_downloads_stream_in_constant_memory(ftp_server, spool):
     assert peak < 2 * 1024 * 1024
 
 
+MIB = 1024 * 1024
+# Around the edges of the direct writes' blocks (1 MiB) and alignment (4 KiB).
+LARGE_FILES = {
+    "exactly-two-blocks.bin": 2 * MIB,
+    "a-block-and-a-byte.bin": MIB + 1,
+    "with-an-aligned-rest.bin": 3 * MIB + 8192,
+    "with-a-ragged-rest.bin": 3 * MIB + 8192 + 1234,
+    "small.xml": 4,
+}
+
+
+def put_large_files(server) -> dict[str, bytes]:
+    payloads = {name: os.urandom(size) for name, size in LARGE_FILES.items()}
+    for name, data in payloads.items():
+        server.put(name, data)
+    return payloads
+
+
+def assert_delivered_whole(result, spool, payloads) -> None:
+    assert result.status == cds.SUCCESS
+    assert spooled(spool) == payloads
+    assert {f.name: f.sha256 for f in result.files} == {
+        name: hashlib.sha256(data).hexdigest() for name, data in payloads.items()
+    }
+    assert os.listdir(Path(spool) / "tmp") == []
+
+
+def test_large_files_arrive_whole_at_any_size(ftp_server, spool):
+    payloads = put_large_files(ftp_server)
+
+    result = import_(**ftp_server.options(spool))
+
+    assert_delivered_whole(result, spool, payloads)
+
+
+def test_large_files_arrive_whole_where_the_filesystem_has_no_direct_writes(
+    ftp_server, spool, monkeypatch
+):
+    payloads = put_large_files(ftp_server)
+    # Such filesystems refuse O_DIRECT with EINVAL, which no local one does on demand.
+    monkeypatch.setattr(fetch, "_write_around_cache", lambda fd, on: False)
+
+    result = import_(**ftp_server.options(spool))
+
+    assert_delivered_whole(result, spool, payloads)
+
+
+def resident_bytes(path) -> int:
+    """How much of the file `path` is in the page cache (fincore, util-linux)."""
+    output = subprocess.run(
+        ["fincore", "--bytes", "--raw", "--noheadings", "--output", "RES", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return int(output)
+
+
+def test_large_files_are_written_around_the_page_cache(ftp_server, spool):
+    filesystem = subprocess.run(
+        ["stat", "--file-system", "--format", "%T", str(spool.parent)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if filesystem == "tmpfs":
+        pytest.skip("tmpfs keeps every file in the page cache")
+    payloads = put_large_files(ftp_server)
+
+    result = import_(**ftp_server.options(spool))
+
+    assert result.status == cds.SUCCESS
+    new = Path(spool) / "new"
+    # Only the ragged rest went through the cache.
+    assert {name: resident_bytes(new / name) for name in payloads} == {
+        "exactly-two-blocks.bin": 0,
+        "a-block-and-a-byte.bin": 4096,
+        "with-an-aligned-rest.bin": 0,
+        "with-a-ragged-rest.bin": 4096,
+        "small.xml": 4096,
+    }
+
+
 def test_the_devserver_command_serves_a_folder(tmp_path, spool):
     (tmp_path / "outbox").mkdir()
     (tmp_path / "outbox" / "a.xml").write_bytes(b"<a/>")
@@ -616,7 +698,7 @@ def test_a_full_disk_is_reported_as_such_and_loses_nothing(
     ftp_server.put("a.xml", b"<a/>")
     ftp_server.put("b.xml", b"<b/>")
     # The kernel's own "disk full": every write to /dev/full fails with ENOSPC.
-    monkeypatch.setattr(fetch, "_open_partial", lambda path: open("/dev/full", "wb"))  # noqa: SIM115
+    monkeypatch.setattr(fetch, "_open_partial", lambda path: os.open("/dev/full", os.O_WRONLY))
 
     result = import_(**ftp_server.options(spool))
 

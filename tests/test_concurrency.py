@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-from pyftpdlib.handlers import ThrottledDTPHandler
 
 from imports.models import ImportRun
 from imports.runs import enqueue_import
 
 from .conftest import make_source, start_manage, wait_for, written
+from .ftp import LARGE_PAYLOAD, slow_dtp
 from .test_cds import spooled
 
 # Far longer than the test: the source can only be free again because the dead worker's
@@ -62,9 +62,9 @@ class CronLoop(threading.Thread):
 
 def test_workers_and_cron_at_one_source_deliver_every_file_once(start_ftp_server, spool, settings):
     settings.CDS_CLAIM_LEASE = LEASE
-    dtp = type("SlowDTP", (ThrottledDTPHandler,), {"read_limit": 0, "write_limit": 64 * 1024})
+    dtp = slow_dtp()
     server = start_ftp_server(dtp_handler=dtp)
-    large = os.urandom(2 * 1024 * 1024)
+    large = os.urandom(LARGE_PAYLOAD)
     server.put("large.bin", large)
     source = make_source(server, spool)
     first = enqueue_import(source, trigger="page")

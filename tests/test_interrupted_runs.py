@@ -10,24 +10,24 @@ import pytest
 from django.core.management import call_command
 from django.tasks import TaskResultStatus
 from django_tasks_db.models import DBTaskResult
-from pyftpdlib.handlers import ThrottledDTPHandler
 
 from imports.models import ImportedFile, ImportRun
 from imports.runs import enqueue_import, interrupt_dead_runs, run_import
 
 from .conftest import kill_when, make_source, process_env, start_manage, written
+from .ftp import LARGE_PAYLOAD, slow_dtp
 from .test_cds import spooled
 
 ROOT = Path(__file__).resolve().parent.parent
-PAYLOADS = {"a.xml": b"<a/>", "b.xml": b"<bb/>", "c.bin": os.urandom(2 * 1024 * 1024)}
+PAYLOADS = {"a.xml": b"<a/>", "b.xml": b"<bb/>", "c.bin": os.urandom(LARGE_PAYLOAD)}
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
 def slow_server(start_ftp_server):
-    """An FTP server that sends 64 KiB/s until told otherwise, with the three files."""
-    dtp = type("SlowDTP", (ThrottledDTPHandler,), {"read_limit": 0, "write_limit": 64 * 1024})
+    """An FTP server that sends slowly until told otherwise, with the three files."""
+    dtp = slow_dtp()
     server = start_ftp_server(dtp_handler=dtp)
     server.dtp = dtp
     for name, data in PAYLOADS.items():

@@ -8,7 +8,8 @@ refilled and the disk settled before each:
 - ours through ``imports.cds.import_`` alone, and through ``manage.py cds_import`` (what cron
   runs: Django, the database log and the file records included);
 - ``lftp -e "mirror --Remove-source-files --parallel=N"`` with N = 1 and 4;
-- for the large files, the disk's durable-write limit (``dd bs=1M conv=fsync``).
+- for the large files, the disk's durable-write limit (``dd bs=1M conv=fsync`` of as many
+  bytes), which takes its turn among the tools: this disk's speed changes within minutes.
 
 It prints files/s or MB/s, the ratio to lftp --parallel=4 (or to the write limit) and each
 process's peak resident memory.
@@ -162,15 +163,22 @@ def prepare_database(server: Server, work: Path) -> dict:
     return env
 
 
-def run_data_set(server, work, env, files: dict[str, int], block: bytes, rounds: int):
+LIMIT = "durable-write limit"
+
+
+def run_data_set(server, work, env, files: dict[str, int], block: bytes, rounds: int, limit=0):
     """Pull the data set with every tool, `rounds` times in a rotating order; return each
-    tool's median seconds and highest peak RSS."""
+    tool's seconds (median and all rounds) and highest peak RSS. With `limit` (MiB), the
+    durable-write limit takes its turn in the rotation too, under the same conditions."""
     count = len(files)
     commands = tools(server, env)
-    labels = list(commands)
-    seconds, rss = {label: [] for label in labels}, {label: [] for label in labels}
+    labels = list(commands) + ([LIMIT] if limit else [])
+    seconds, rss = {label: [] for label in labels}, {label: [0.0] for label in labels}
     for round_ in range(rounds):
         for label in labels[round_ % len(labels) :] + labels[: round_ % len(labels)]:
+            if label == LIMIT:
+                seconds[label].append(write_durably(work, limit))
+                continue
             fill(server, files, block)
             dest = work / "dest"
             took, peak = measure(commands[label](dest), env)
@@ -185,32 +193,33 @@ def run_data_set(server, work, env, files: dict[str, int], block: bytes, rounds:
             seconds[label].append(took)
             rss[label].append(peak)
             shutil.rmtree(dest)
-    return {label: (statistics.median(seconds[label]), max(rss[label])) for label in labels}
+    return {
+        label: (statistics.median(seconds[label]), seconds[label], max(rss[label]))
+        for label in labels
+    }
 
 
 def print_results(results: dict, rate, reference: float, against: str) -> None:
-    for label, (seconds, rss) in results.items():
-        print(
-            f"  {label:28} {rate(seconds)} ({seconds:6.2f} s)  {reference / seconds:5.2f}x "
-            f"{against}  peak RSS {rss:4.0f} MiB"
-        )
+    for label, (seconds, _, rss) in results.items():
+        if label != LIMIT:
+            print(
+                f"  {label:28} {rate(seconds)} ({seconds:6.2f} s)  {reference / seconds:5.2f}x "
+                f"{against}  peak RSS {rss:4.0f} MiB"
+            )
 
 
-def durable_write_limit(work: Path, mib: int, rounds: int) -> float:
-    """Median MB/s of ``dd bs=1M conv=fsync`` writing `mib` MiB into `work`."""
-    rates = []
-    for _ in range(rounds):
-        settle()
-        started = time.perf_counter()
-        subprocess.run(
-            ["dd", "if=/dev/zero", f"of={work / 'dd.bin'}", "bs=1M", f"count={mib}"]
-            + ["conv=fsync"],
-            check=True,
-            capture_output=True,
-        )
-        rates.append(mib * MIB / (time.perf_counter() - started) / 1e6)
-        os.unlink(work / "dd.bin")
-    return statistics.median(rates)
+def write_durably(work: Path, mib: int) -> float:
+    """Seconds of ``dd bs=1M conv=fsync`` writing `mib` MiB into `work`."""
+    settle()
+    started = time.perf_counter()
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={work / 'dd.bin'}", "bs=1M", f"count={mib}", "conv=fsync"],
+        check=True,
+        capture_output=True,
+    )
+    seconds = time.perf_counter() - started
+    os.unlink(work / "dd.bin")
+    return seconds
 
 
 def main() -> None:
@@ -244,18 +253,21 @@ def main() -> None:
         if args.large:
             print(f"{args.large} files of {args.large_mib} MiB:", flush=True)
             files = {f"video-{n}.bin": args.large_mib * MIB for n in range(args.large)}
-            results = run_data_set(server, work, env, files, os.urandom(MIB), args.rounds)
             total = args.large * args.large_mib * MIB
-            limit = durable_write_limit(work, total // MIB, args.rounds)
+            results = run_data_set(
+                server, work, env, files, os.urandom(MIB), args.rounds, limit=total // MIB
+            )
+            limit, rounds, _ = results[LIMIT]
             print_results(
                 results,
                 lambda seconds: f"{total / seconds / 1e6:8.1f} MB/s   ",
-                total / limit / 1e6,
+                limit,
                 "limit   ",
             )
+            rates = [f"{total / seconds / 1e6:.0f}" for seconds in sorted(rounds, reverse=True)]
             print(
-                f"  durable-write limit (dd bs=1M count={total // MIB} conv=fsync): "
-                f"{limit:.1f} MB/s"
+                f"  {LIMIT} (dd bs=1M count={total // MIB} conv=fsync): "
+                f"{total / limit / 1e6:.1f} MB/s (rounds: {', '.join(rates)} MB/s)"
             )
             reference = results["lftp --parallel=4"][0]
             for label in ("ours: import_", "ours: manage.py cds_import"):

@@ -40,8 +40,10 @@ class ServerThread:
         )
         self.server = FTPServer(("127.0.0.1", 0), handler)
         self.host, self.port = self.server.address[:2]
+        # The server's loop alone: serve_forever() first logs the address, which fails when
+        # stop() has closed the socket already.
         self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"timeout": 0.05}, daemon=True
+            target=self.server.ioloop.loop, kwargs={"timeout": 0.05}, daemon=True
         )
         self.thread.start()
 

@@ -17,6 +17,7 @@ run from their journal.
 import collections
 import contextlib
 import contextvars
+import errno
 import fcntl
 import hashlib
 import logging
@@ -302,14 +303,23 @@ class _PartialFile:
         return self.size
 
     def close(self) -> None:
-        if self.buffer is not None:
-            self.buffer.close()
+        # The buffer goes with this object: views of it may live on in a traceback.
         os.close(self.fd)
 
     def _write_buffer(self, length: int) -> None:
         """Write the first `length` bytes of the buffer and keep the rest at its start."""
         with memoryview(self.buffer) as view:
-            _write_all(self.fd, view[:length])
+            try:
+                written = os.write(self.fd, view[:length])
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                written = 0
+            if written < length:
+                # A direct write refused (EINVAL) or cut short (the disk filling up): the
+                # rest goes through the cache, which takes any length and tells the true error.
+                _write_around_cache(self.fd, False)
+                _write_all(self.fd, view[written:length])
             self.buffer.move(0, length, self.filled - length)
         self.filled -= length
 

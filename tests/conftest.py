@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from django.contrib.auth.models import Permission
@@ -146,6 +147,31 @@ def start_ftp_server(tmp_path):
 @pytest.fixture
 def ftp_server(start_ftp_server):
     return start_ftp_server()
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """mount(size) -> a folder on a real filesystem of `size` ("64k", "2m": tmpfs, mounted as
+    root), unmounted after the test: disks that fill up."""
+    mounted = []
+
+    def mount(size: str) -> Path:
+        folder = tmp_path / f"small-{len(mounted)}"
+        folder.mkdir()
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+            capture_output=True,
+        )
+        if result.returncode != 0:
+            if os.environ.get("DATACENTER_REQUIRE_SERVERS"):
+                pytest.fail(f"Could not mount a small filesystem: {result.stderr!r}")
+            pytest.skip("mounting a small filesystem needs root")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
 @pytest.fixture

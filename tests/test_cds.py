@@ -636,6 +636,27 @@ def test_large_files_arrive_whole_where_the_filesystem_has_no_direct_writes(
     assert_delivered_whole(result, spool, payloads)
 
 
+def test_a_disk_filling_up_under_a_large_download_loses_nothing(
+    ftp_server, small_filesystem, cds_log
+):
+    spool = small_filesystem("2m") / "spool"
+    payloads = {"large.bin": os.urandom(3 * MIB), "small.xml": b"<s/>"}
+    for name, data in payloads.items():
+        ftp_server.put(name, data)
+
+    result = import_(**ftp_server.options(spool))
+
+    log = messages(cds_log)
+    assert result.status == cds.FAILED
+    assert "Could not write to the spool: No space left on device" in log
+    assert "Could not store large.bin; it stays on the server." in log
+    assert "large.bin" in ftp_server.names()
+    assert "large.bin" not in spooled(spool)
+    # The small file came in beside it or waits on the server; nothing is half-written.
+    assert ("small.xml" in spooled(spool)) != ("small.xml" in ftp_server.names())
+    assert os.listdir(Path(spool) / "tmp") == []
+
+
 def resident_bytes(path) -> int:
     """How much of the file `path` is in the page cache (fincore, util-linux)."""
     output = subprocess.run(

@@ -230,21 +230,9 @@ def test_a_failure_half_way_leaves_no_temporary_file(datacenter):
 
 
 @pytest.fixture
-def small_storage(tmp_path):
-    """A data center on a real filesystem of 64 KiB (tmpfs, mounted as root)."""
-    folder = tmp_path / "small"
-    folder.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        if os.environ.get("DATACENTER_REQUIRE_SERVERS"):
-            pytest.fail(f"Could not mount a small filesystem: {mounted.stderr!r}")
-        pytest.skip("mounting a small filesystem needs root")
-    try:
-        yield DataCenter(str(folder / "storage"))
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=True)
+def small_storage(small_filesystem):
+    """A data center on a real filesystem of 64 KiB."""
+    return DataCenter(str(small_filesystem("64k") / "storage"))
 
 
 def test_a_full_disk_is_a_form_error_and_leaves_nothing(small_storage):

@@ -38,8 +38,9 @@ BATCH_SECONDS = 0.25
 # A file this large takes long enough to be worth its own sync; the batch before it is
 # delivered first rather than wait for it.
 LARGE_FILE = 1024 * 1024
-# Direct writes go in blocks of this size from an address, and to an offset, that are
-# multiples of ALIGNMENT (the largest logical block size of disks).
+# A connection receives into a buffer of DIRECT_BLOCK bytes and writes it out when full.
+# Direct writes go from an address, to an offset and in a length that are multiples of
+# ALIGNMENT (the largest logical block size of disks).
 DIRECT_BLOCK = 1024 * 1024
 ALIGNMENT = 4096
 
@@ -177,6 +178,7 @@ class _Connection:
         self.names, self.report, self.stop = names, report, stop
         self.batch: list[_Download] = []
         self.batch_started = 0.0
+        self.buffer = mmap.mmap(-1, DIRECT_BLOCK)  # page-aligned, as direct writes need
 
     def run(self) -> None:
         try:
@@ -209,7 +211,9 @@ class _Connection:
             )
         outcome = FileOutcome(name, remote.size, "failed", local_name=local)
         try:
-            outcome.sha256, outcome.size = _download(self.transport, self.store, remote, local)
+            outcome.sha256, outcome.size = _download(
+                self.transport, self.store, remote, local, self.buffer
+            )
         except (*TRANSFER_ERRORS, *CONNECTION_ERRORS, SpoolError) as exc:
             outcome.reason = str(exc) or type(exc).__name__
             self.report(outcome)
@@ -259,67 +263,63 @@ class _Connection:
 class _PartialFile:
     """The sink of a download: the partial file, hashed as it is written.
 
-    A large file goes around the page cache (O_DIRECT), in whole blocks from one page-aligned
-    buffer: its batch's sync must put every byte on the disk anyway, and the copy into the
-    cache costs about as much processor time as the SHA-256 (measured in bench/README.md).
-    The last bytes that do not fill a block, and every file where the filesystem refuses
-    direct writes, go through the cache.
+    The bytes are received straight into the connection's buffer (a page-aligned block of
+    memory), hashed there and written from there as they come. A large file goes around the
+    page cache (O_DIRECT), written whenever the buffer is full: its batch's sync must put
+    every byte on the disk anyway, and the copy into the cache costs about as much processor
+    time as the SHA-256 (see bench/README.md). The rest that does not fill a block of
+    ALIGNMENT, and every file where the filesystem refuses direct writes, go through the
+    cache.
     """
 
-    def __init__(self, path: str, direct: bool):
+    def __init__(self, path: str, buffer: mmap.mmap, direct: bool):
         with spool_errors():
             self.fd = _open_partial(path)
-        direct = direct and _write_around_cache(self.fd, True)
-        self.buffer = mmap.mmap(-1, DIRECT_BLOCK) if direct else None
+        self.direct = direct and _write_around_cache(self.fd, True)
+        self.buffer = buffer
         self.filled = self.size = 0
         self.digest = hashlib.sha256()
 
-    def write(self, chunk) -> None:
-        self.digest.update(chunk)
-        self.size += len(chunk)
-        with spool_errors():
-            if self.buffer is None:
-                _write_all(self.fd, chunk)
-                return
-            view = memoryview(chunk)
-            while view:
-                taken = min(len(view), DIRECT_BLOCK - self.filled)
-                self.buffer[self.filled : self.filled + taken] = view[:taken]
-                self.filled += taken
-                view = view[taken:]
-                if self.filled == DIRECT_BLOCK:
-                    self._write_buffer(DIRECT_BLOCK)
+    def receive(self, read_into) -> None:
+        with memoryview(self.buffer) as view:
+            while received := read_into(view[self.filled :]):
+                self.digest.update(view[self.filled : self.filled + received])
+                self.size += received
+                self.filled += received
+                if self.filled == len(view) or not self.direct:
+                    self._write(self.filled)
 
     def finish(self) -> int:
         """Write what is still buffered; return the size of the file."""
-        if self.filled:
-            with spool_errors():
-                aligned = self.filled - self.filled % ALIGNMENT
-                if aligned:
-                    self._write_buffer(aligned)
-                if self.filled:
-                    _write_around_cache(self.fd, False)
-                    self._write_buffer(self.filled)
+        if self.direct:
+            self._write(self.filled - self.filled % ALIGNMENT)
+            _write_around_cache(self.fd, False)
+            self.direct = False
+        self._write(self.filled)
         return self.size
 
     def close(self) -> None:
-        # The buffer goes with this object: views of it may live on in a traceback.
         os.close(self.fd)
 
-    def _write_buffer(self, length: int) -> None:
+    def _write(self, length: int) -> None:
         """Write the first `length` bytes of the buffer and keep the rest at its start."""
-        with memoryview(self.buffer) as view:
-            try:
-                written = os.write(self.fd, view[:length])
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                written = 0
-            if written < length:
-                # A direct write refused (EINVAL) or cut short (the disk filling up): the
-                # rest goes through the cache, which takes any length and tells the true error.
-                _write_around_cache(self.fd, False)
-                _write_all(self.fd, view[written:length])
+        if not length:
+            return
+        with spool_errors(), memoryview(self.buffer) as view:
+            written = 0
+            if self.direct:
+                try:
+                    written = os.write(self.fd, view[:length])
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                if written < length:
+                    # A direct write refused (EINVAL) or cut short (the disk filling up): the
+                    # rest goes through the cache, which takes any length and tells the error.
+                    _write_around_cache(self.fd, False)
+                    self.direct = False
+            while written < length:
+                written += os.write(self.fd, view[written:length])
             self.buffer.move(0, length, self.filled - length)
         self.filled -= length
 
@@ -341,18 +341,14 @@ def _write_around_cache(fd: int, on: bool) -> bool:
     return True
 
 
-def _write_all(fd: int, data) -> None:
-    with memoryview(data) as view:
-        while view:
-            view = view[os.write(fd, view) :]
-
-
-def _download(transport, store: FileStore, remote: RemoteEntry, local: str) -> tuple[str, int]:
-    """Fetch `remote` into its partial file; return its SHA-256 and size. The file is
-    complete but not yet durable: its batch makes it so."""
+def _download(
+    transport, store: FileStore, remote: RemoteEntry, local: str, buffer: mmap.mmap
+) -> tuple[str, int]:
+    """Fetch `remote` into its partial file through `buffer`; return its SHA-256 and size.
+    The file is complete but not yet durable: its batch makes it so."""
     path = store.partial_path(local)
     try:
-        sink = _PartialFile(path, direct=remote.size is not None and remote.size >= LARGE_FILE)
+        sink = _PartialFile(path, buffer, direct=(remote.size or 0) >= LARGE_FILE)
         try:
             transport.retrieve(remote.raw, sink)
             received = sink.finish()

@@ -22,7 +22,7 @@ from typing import BinaryIO
 import paramiko
 from paramiko.sftp import CMD_CLOSE, CMD_HANDLE, CMD_NAME, CMD_OPENDIR, CMD_READDIR
 
-from .transports import CHUNK_SIZE, HostKeyError, PermanentError, RemoteEntry
+from .transports import CHUNK_SIZE, HostKeyError, PermanentError, RemoteEntry, Sink
 
 # Host key algorithms to negotiate for a pinned key of each type: the server must show the
 # pinned key, not another of its keys.
@@ -170,11 +170,10 @@ class SftpTransport:
         with _sftp_errors():
             return self.sftp.stat(self.path(raw)).st_size
 
-    def retrieve(self, raw: bytes, sink: BinaryIO) -> None:
+    def retrieve(self, raw: bytes, sink: Sink) -> None:
         with _sftp_errors(), self.sftp.open(self.path(raw), "rb") as remote:
             remote.prefetch()
-            while chunk := remote.read(CHUNK_SIZE):
-                sink.write(chunk)
+            sink.receive(remote.readinto)
 
     def store(self, raw: bytes, source: BinaryIO) -> None:
         with _sftp_errors(), self.sftp.open(self.path(raw), "wb") as remote:

@@ -12,10 +12,10 @@ import codecs
 import ftplib
 import re
 import ssl
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from io import BytesIO
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 CHUNK_SIZE = 256 * 1024
 PROTOCOLS = ("ftp", "ftps", "sftp")
@@ -76,6 +76,16 @@ class RemoteEntry:
 # Names for annotations inside the transports, whose list() hides the builtin there.
 Listing = list[RemoteEntry]
 Lines = list[bytes]
+# read_into(view) fills the start of `view` with the next bytes of a file and returns their
+# number, 0 at the end.
+ReadInto = Callable[[memoryview], int]
+
+
+class Sink(Protocol):
+    """Where a download goes. The transport calls receive(read_into) once; the sink calls
+    read_into until it returns 0, so that the bytes land in the sink's own buffer."""
+
+    def receive(self, read_into: ReadInto) -> None: ...
 
 
 def _latin1_fallback(error: UnicodeDecodeError) -> tuple[str, int]:
@@ -201,16 +211,19 @@ class FtpTransport:
         """The lines a listing command sends. The session stays in binary mode (TYPE I is
         set once), which saves a TYPE command per transfer; lines end in CRLF either way."""
         sink = BytesIO()
-        self._transfer(command, sink)
+
+        def receive(read_into: ReadInto) -> None:
+            buffer = memoryview(bytearray(CHUNK_SIZE))
+            while received := read_into(buffer):
+                sink.write(buffer[:received])
+
+        self._transfer(command, receive)
         return sink.getvalue().splitlines()
 
-    def _transfer(self, command: str, sink: BinaryIO) -> None:
+    def _transfer(self, command: str, receive: Callable[[ReadInto], None]) -> None:
         with _server_errors():
             with self.ftp.transfercmd(command) as connection:
-                # One buffer for the whole transfer: no new bytes object per chunk.
-                buffer = memoryview(bytearray(CHUNK_SIZE))
-                while received := connection.recv_into(buffer):
-                    sink.write(buffer[:received])
+                receive(connection.recv_into)
                 if isinstance(connection, ssl.SSLSocket):
                     connection.unwrap()
             self.ftp.voidresp()
@@ -219,10 +232,9 @@ class FtpTransport:
         with _server_errors():
             return self.ftp.size(raw.decode(WIRE))
 
-    def retrieve(self, raw: bytes, sink: BinaryIO) -> None:
-        """Write the file `raw` to `sink`, chunk by chunk. Each chunk is a view of a buffer
-        that the next one overwrites: `sink` copies what it keeps."""
-        self._transfer(f"RETR {raw.decode(WIRE)}", sink)
+    def retrieve(self, raw: bytes, sink: Sink) -> None:
+        """Hand the file `raw` to `sink` (see Sink)."""
+        self._transfer(f"RETR {raw.decode(WIRE)}", sink.receive)
 
     def store(self, raw: bytes, source: BinaryIO) -> None:
         with _server_errors():

@@ -1,5 +1,7 @@
 """The CDS protocol against a real FTP server (pyftpdlib on 127.0.0.1)."""
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -630,6 +632,25 @@ def test_large_files_arrive_whole_where_the_filesystem_has_no_direct_writes(
     payloads = put_large_files(ftp_server)
     # Such filesystems refuse O_DIRECT with EINVAL, which no local one does on demand.
     monkeypatch.setattr(fetch, "_write_around_cache", lambda fd, on: False)
+
+    result = import_(**ftp_server.options(spool))
+
+    assert_delivered_whole(result, spool, payloads)
+
+
+def test_large_files_arrive_whole_where_direct_writes_are_refused_after_all(
+    ftp_server, spool, monkeypatch
+):
+    payloads = put_large_files(ftp_server)
+    write = os.write
+
+    def refuse_direct(fd, data):
+        # Filesystems that take O_DIRECT but not in these sizes, which no local one is.
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return write(fd, data)
+
+    monkeypatch.setattr(fetch.os, "write", refuse_direct)
 
     result = import_(**ftp_server.options(spool))
 

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .spool import FileStore
-from .transports import CONNECTION_ERRORS, SERVER_ERRORS, RemoteEntry
+from .transports import CONNECTION_ERRORS, SERVER_ERRORS, ReadInto, RemoteEntry
 
 log = logging.getLogger("imports.cds")
 
@@ -280,7 +280,8 @@ class _PartialFile:
         self.filled = self.size = 0
         self.digest = hashlib.sha256()
 
-    def receive(self, read_into) -> None:
+    def receive(self, read_into: ReadInto) -> None:
+        """Take the file's bytes: what `read_into` puts into the buffer until it puts none."""
         with memoryview(self.buffer) as view:
             while received := read_into(view[self.filled :]):
                 self.digest.update(view[self.filled : self.filled + received])

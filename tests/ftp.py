@@ -40,15 +40,19 @@ class ServerThread:
         )
         self.server = FTPServer(("127.0.0.1", 0), handler)
         self.host, self.port = self.server.address[:2]
-        # The server's loop alone: serve_forever() first logs the address, which fails when
-        # stop() has closed the socket already.
-        self.thread = threading.Thread(
-            target=self.server.ioloop.loop, kwargs={"timeout": 0.05}, daemon=True
-        )
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
-    def stop(self):
+    def _serve(self):
+        # The server is closed in its own thread: closed from another, its poll could be
+        # looking at descriptors that are gone.
+        while not self.stopping.is_set():
+            self.server.ioloop.loop(timeout=0.05, blocking=False)
         self.server.close_all()
+
+    def stop(self):
+        self.stopping.set()
         self.thread.join(timeout=5)
 
     def options(self, store_dir) -> dict:

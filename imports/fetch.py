@@ -294,13 +294,16 @@ class _PartialFile:
         """Write what is still buffered; return the size of the file."""
         if self.direct:
             self._write(self.filled - self.filled % ALIGNMENT)
-            _write_around_cache(self.fd, False)
-            self.direct = False
+            self._through_cache()
         self._write(self.filled)
         return self.size
 
     def close(self) -> None:
         os.close(self.fd)
+
+    def _through_cache(self) -> None:
+        _write_around_cache(self.fd, False)
+        self.direct = False
 
     def _write(self, length: int) -> None:
         """Write the first `length` bytes of the buffer and keep the rest at its start."""
@@ -317,8 +320,7 @@ class _PartialFile:
                 if written < length:
                     # A direct write refused (EINVAL) or cut short (the disk filling up): the
                     # rest goes through the cache, which takes any length and tells the error.
-                    _write_around_cache(self.fd, False)
-                    self.direct = False
+                    self._through_cache()
             while written < length:
                 written += os.write(self.fd, view[written:length])
             self.buffer.move(0, length, self.filled - length)

@@ -14,8 +14,9 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .files import StorageError, fsync_file
 from .processing import ERROR_COLUMN
-from .storage import DataCenter, DataCenterFile, StorageError, fsync_file
+from .storage import DataCenter, DataCenterFile
 
 
 class EditError(ValueError):

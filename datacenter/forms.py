@@ -41,8 +41,8 @@ class RelocateForm(forms.Form):
     path = forms.CharField(
         label="New storage path",
         max_length=4096,
-        help_text="An absolute path on the server, such as /srv/datacenter. "
-        "It is created when missing.",
+        help_text="An absolute path on the server, inside a folder the operator set aside for "
+        "the storage. It is taken as typed (no ~ or $VARIABLES) and created when missing.",
     )
     move = forms.BooleanField(label="Move existing files to the new path", required=False)
     overwrite = forms.BooleanField(

@@ -30,6 +30,7 @@ from django.utils import timezone
 
 from . import exports
 from .exports import ExportError
+from .limits import check_site_storage_path
 from .models import Job, StorageLocation, current_datacenter
 from .processes import HOST, died_on_this_host, fail_running_task
 from .processing import CHANGES_KEPT, ProcessingError, check_processing, process_file
@@ -52,13 +53,24 @@ class JobInterrupted(Exception):
 # Starting jobs
 
 
-def start_processing(*, name: str, processor: str, mode: str, dry_run: bool, user) -> Job:
+def start_processing(
+    *,
+    name: str,
+    processor: str,
+    mode: str,
+    dry_run: bool,
+    user,
+    after_dry_run: int | str | None = None,
+) -> Job:
     """Process (or try) the pending file `name`: at once when it is small, else queued.
+    Processing `after_dry_run` (the number of a dry run's job) processes the file that dry
+    run checked, or nothing.
 
     Raises ProcessingError, StorageError or FileNotFoundError, before any job is recorded,
     for a request that cannot work.
     """
-    file = check_processing(current_datacenter(), name, processor, mode, user)
+    sha256 = _checked_by_dry_run(after_dry_run, name, processor, mode) if after_dry_run else ""
+    file = check_processing(current_datacenter(), name, processor, mode, user, sha256)
     _refuse_while_relocating("process the file")
     job = Job.objects.create(
         kind=Job.PROCESS,
@@ -67,8 +79,27 @@ def start_processing(*, name: str, processor: str, mode: str, dry_run: bool, use
         processor=processor,
         mode=mode,
         dry_run=dry_run,
+        sha256=sha256,
     )
     return _start(job, at_once=file.size <= settings.DATACENTER_RUN_AT_ONCE_SIZE)
+
+
+def _checked_by_dry_run(pk: int | str, name: str, processor: str, mode: str) -> str:
+    """The SHA-256 of the file that the dry run `pk` of `name` checked."""
+    dry_run = Job.objects.filter(
+        pk=int(pk) if str(pk).isdigit() else None,
+        kind=Job.PROCESS,
+        dry_run=True,
+        status=Job.SUCCESS,
+        file_name=name,
+        processor=processor,
+        mode=mode,
+    ).first()
+    if dry_run is None or not dry_run.sha256:
+        raise ProcessingError(
+            f"There is no finished dry run #{pk} of {name} in {mode} mode; check it again."
+        )
+    return dry_run.sha256
 
 
 def start_relocation(*, path: str, move: bool, overwrite: bool, user) -> Job:
@@ -82,7 +113,7 @@ def start_relocation(*, path: str, move: bool, overwrite: bool, user) -> Job:
     if busy:
         numbers = ", ".join(f"#{pk}" for pk in busy)
         raise StorageError(f"Jobs are in progress ({numbers}); relocate when they have ended.")
-    new_path = current_datacenter().check_new_storage_path(path)
+    new_path = check_site_storage_path(current_datacenter(), path)
     job = Job.objects.create(
         kind=Job.RELOCATE, user=user, path=new_path, move=move, overwrite=overwrite
     )
@@ -205,8 +236,11 @@ def _process(job: Job) -> None:
         progress=progress.rows,
         output_dir=output_dir,
         on_commit=on_commit,
+        expected_sha256="" if job.dry_run else job.sha256,
     )
     job.done, job.succeeded, job.failed = result.total, result.succeeded, result.failed
+    if job.dry_run:
+        job.sha256 = result.sha256
     job.result = {
         "seconds": round(result.seconds, 3),
         "errors": result.errors[:ERRORS_KEPT],
@@ -304,8 +338,13 @@ def _relocate(job: Job) -> None:
     try:
         old = current_datacenter()
         old_path = old.storage
+        check_site_storage_path(old, job.path)  # the spools may have changed since
         not_moved = old.relocate(
-            job.path, move=job.move, overwrite=job.overwrite, progress=_progress_in_database(job)
+            job.path,
+            move=job.move,
+            overwrite=job.overwrite,
+            progress=_progress_in_database(job),
+            literal=True,
         )
         StorageLocation.objects.filter(pk=1).update(
             path=old.storage, changed=timezone.now(), changed_by=job.user
@@ -340,7 +379,7 @@ def _end(job: Job, status: str, error: str = "") -> None:
     job.save(
         update_fields=[
             *("status", "error", "finished", "done", "succeeded", "failed", "result"),
-            "file_name",
+            *("file_name", "sha256"),
         ]
     )
 

@@ -105,6 +105,9 @@ class Job(models.Model):
     path = models.CharField("new storage path", max_length=4096, blank=True)
     move = models.BooleanField(default=False)
     overwrite = models.BooleanField(default=False)
+    #: Of a dry run: the SHA-256 of the file it checked. Of processing after a dry run: the
+    #: SHA-256 the file must still have.
+    sha256 = models.CharField(max_length=64, blank=True)
 
     status = models.CharField(max_length=12, choices=STATUSES, default=QUEUED, db_index=True)
     done = models.PositiveIntegerField(default=0)

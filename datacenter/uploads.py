@@ -13,11 +13,13 @@ import os
 import re
 import tempfile
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 
 from django.conf import settings
 
 from .emails import notify_upload
+from .processing import some_of
 from .storage import (
     DataCenter,
     DataCenterFile,
@@ -359,8 +361,8 @@ def _check_header(header: list[str] | None, columns: list[int]) -> None:
         if not header[index].strip():
             raise UploadError(f"Column {index + 1} of the header row has no name.")
     names = [header[index].strip() for index in columns]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
+    duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
     if duplicates:
         raise UploadError(
-            f"The header row names these columns more than once: {', '.join(duplicates)}."
+            f"The header row names these columns more than once: {some_of(duplicates)}."
         )

@@ -13,6 +13,7 @@ from . import editing, exports, health, jobs
 from .exports import ExportError
 from .forms import LogSearchForm, ProcessForm, RelocateForm, ReplaceForm, UploadForm
 from .models import Job, Upload, current_datacenter
+from .paging import paginate
 from .processing import ProcessingError, mode_of_pending_file, processors
 from .storage import EXPORTS_FOLDER, StorageError, read_csv_preview
 from .uploads import UploadError, replace_upload, save_upload
@@ -37,10 +38,6 @@ def file_or_404(view):
             raise Http404("No such file.") from exc
 
     return wrapper
-
-
-def paginate(request, items):
-    return Paginator(items, settings.DATACENTER_PAGE_SIZE).get_page(request.GET.get("page"))
 
 
 @datacenter_permission("view_files")
@@ -135,6 +132,7 @@ def process(request, name):
                 mode=form.cleaned_data["mode"],
                 dry_run=request.POST.get("step") != "process",
                 user=request.user,
+                after_dry_run=request.POST.get("after_dry_run"),
             )
         except (ProcessingError, StorageError) as exc:
             form.add_error(None, str(exc))

@@ -201,6 +201,13 @@ FILE_UPLOAD_HANDLERS = ["django.core.files.uploadhandler.TemporaryFileUploadHand
 # The data center: the storage path used until staff relocate it (the current path lives in
 # the database), and the largest CSV file accepted by an upload.
 DATACENTER_STORAGE_ROOT = os.environ.get("DATACENTER_STORAGE_ROOT", str(VAR_DIR / "storage"))
+# Staff may relocate the storage only to a folder strictly below one of these absolute paths
+# (separated by ":"); empty: the folder that holds DATACENTER_STORAGE_ROOT.
+DATACENTER_STORAGE_PARENTS = [
+    path for path in os.environ.get("DATACENTER_STORAGE_PARENTS", "").split(":") if path
+]
+if any(not os.path.isabs(path) for path in DATACENTER_STORAGE_PARENTS):
+    raise ValueError("DATACENTER_STORAGE_PARENTS: every path must be absolute.")
 DATACENTER_MAX_UPLOAD_SIZE = env_int("DATACENTER_MAX_UPLOAD_SIZE", 100 * 1024 * 1024)
 DATACENTER_PAGE_SIZE = env_int("DATACENTER_PAGE_SIZE", 25)
 # Processing a file larger than this many bytes, and relocating with files, runs as a job

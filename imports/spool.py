@@ -18,7 +18,7 @@ import json
 import os
 import uuid
 
-from datacenter.storage import check_file_name, place_new_file, place_under_free_name
+from datacenter.files import check_file_name, place_new_file, place_under_free_name
 
 FOLDERS = ("tmp", "new", "cur")
 PARTIAL_SUFFIX, JOURNAL_SUFFIX = ".part", ".journal"

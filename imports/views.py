@@ -11,7 +11,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
-from datacenter.views import paginate
+from datacenter.paging import paginate
 
 from .forms import OutgoingFileForm
 from .models import CdsSource, ImportRun

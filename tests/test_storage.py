@@ -5,7 +5,7 @@ from datetime import datetime
 
 import pytest
 
-from datacenter import storage
+from datacenter import distribution, storage
 from datacenter.storage import (
     SUBFOLDERS,
     DataCenter,
@@ -493,7 +493,7 @@ def test_the_finished_listing_follows_appends_newest_first(datacenter):
         "a.create.finished.csv",
     ]
     source = write(os.path.join(datacenter.storage, "more.csv"), "a\n2\n")
-    storage._append_csv(source, os.path.join(finished, "a.create.finished.csv"))
+    distribution._append_csv(source, os.path.join(finished, "a.create.finished.csv"))
 
     assert datacenter.finished_listing()[0].name == "a.create.finished.csv"
 
@@ -516,7 +516,7 @@ def test_a_distribution_cut_off_at_any_step_is_finished_by_applying_it_again(dat
     finished, pending = outputs(tmp_path, "a\nnew\n", "a,--ERRORS--\nbad,no\n")
     merged = os.path.join(datacenter.finished_path, f".d.create.finished.csv.{plan.token}")
     # Cut off after the merged rows were written and their input removed.
-    storage._merge_csv(plan.finished_result, finished, merged)
+    distribution._merge_csv(plan.finished_result, finished, merged)
     os.unlink(finished)
 
     plan.apply(finished, pending)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from .files import StorageError, fsync_file
 from .processing import ERROR_COLUMN
 from .storage import DataCenter, DataCenterFile
+from .uploads import EDIT_PREFIX
 
 
 class EditError(ValueError):
@@ -113,7 +114,9 @@ def save_corrections(datacenter: DataCenter, file: DataCenterFile, data, *, user
         raise EditError("The form is incomplete; open the file again.") from None
     dropped = {number for number in numbers if data.get(f"drop-{number}")}
     corrected = dropped_count = 0
-    handle, temp_path = tempfile.mkstemp(dir=datacenter.storage, prefix=".edit-", suffix=".part")
+    handle, temp_path = tempfile.mkstemp(
+        dir=datacenter.storage, prefix=EDIT_PREFIX, suffix=".part"
+    )
     try:
         with (
             os.fdopen(handle, "w", encoding="utf-8", newline="") as out,

@@ -43,6 +43,8 @@ def send(subject: str, body: str, to: list[str]) -> bool:
     if not to:
         log.info("Nobody to send %r to.", subject)
         return True
+    # A header holds one line: a name with a line break in it would make the mail refused.
+    subject = " ".join(subject.split())
     try:
         EmailMessage(subject=SUBJECT_PREFIX + subject, body=body, to=to).send()
     except Exception:

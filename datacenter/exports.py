@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.utils import timezone
 
+from .formulas import neutralised
 from .processing import ModelProcessor, ProcessingError, get_processor, processors
 from .storage import (
     EXPORTS_FOLDER,
@@ -46,6 +47,16 @@ def export_permission(processor: ModelProcessor) -> str:
     return f"{meta.app_label}.view_{meta.model_name}"
 
 
+def may_view_records(user, processor_name: str) -> bool:
+    """Whether `user` may see the values of the records of the processor `processor_name`
+    (as a dry run shows them): the permission to view its model."""
+    try:
+        processor = get_processor(processor_name)
+    except ProcessingError:
+        return False
+    return isinstance(processor, ModelProcessor) and user.has_perm(export_permission(processor))
+
+
 def check_export(processor: ModelProcessor | str, user) -> ModelProcessor:
     """The processor `processor` acting for `user` (None: a program, with every right), if
     `user` may export its records; raise ExportError if not."""
@@ -67,6 +78,19 @@ def check_export(processor: ModelProcessor | str, user) -> ModelProcessor:
     return processor.for_user(user)
 
 
+def holds_secrets(processor: ModelProcessor) -> bool:
+    """Whether an export of `processor` for its user holds secret values (password hashes)."""
+    return bool(set(processor.secret_fields) - processor.hidden_on_export())
+
+
+def may_download(user, *, made_by_id: int | None, secrets: bool) -> bool:
+    """Whether `user` may download an export: its maker and superusers may; one that holds
+    secrets reaches superusers only."""
+    if user.is_superuser:
+        return True
+    return made_by_id is not None and made_by_id == user.pk and not secrets
+
+
 def record_count(processor: ModelProcessor) -> int:
     return processor.model._default_manager.count()
 
@@ -75,7 +99,8 @@ def rows(processor: ModelProcessor) -> Iterator[list[str]]:
     """The records of `processor`'s model as rows of its columns, by primary key.
 
     Values are written as update mode reads them: yes/no as 1/0, many-to-many fields as the
-    names of their objects joined by the separator; the columns the processor hides from its
+    names of their objects joined by the separator, a value a spreadsheet would take for a
+    formula behind a ``'`` (see neutralised); the columns the processor hides from its
     user are empty, which update mode reads as "leave as it is".
     """
     meta = processor.model._meta
@@ -101,9 +126,11 @@ def rows(processor: ModelProcessor) -> Iterator[list[str]]:
                 if name in hidden:
                     row.append("")
                 elif name in related:
-                    row.append(processor.separator.join(sorted(related[name].get(pk, []))))
+                    row.append(
+                        neutralised(processor.separator.join(sorted(related[name].get(pk, []))))
+                    )
                 else:
-                    row.append(_cell(cells[name]))
+                    row.append(neutralised(_cell(cells[name])))
             yield row
         last_pk = records[-1][0]
 

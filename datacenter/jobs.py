@@ -325,7 +325,11 @@ def _export(job: Job) -> None:
         job.user, "export", f"{exporter.name}: {count} records -> {file.rel_path}"
     )
     job.done, job.file_name = count, file.name
-    job.result = {"size": file.get_size(), "records": count}
+    job.result = {
+        "size": file.get_size(),
+        "records": count,
+        "secrets": exports.holds_secrets(exporter),
+    }
     _end(job, Job.SUCCESS)
 
 

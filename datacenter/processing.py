@@ -22,6 +22,7 @@ from django.db import transaction
 from django.utils.module_loading import import_string
 
 from .files import lock_open_file, sha256_of
+from .formulas import restored
 
 # The processors, re-exported: DESIGN.md names them as parts of this module.
 from .processors import (  # noqa: F401
@@ -296,7 +297,9 @@ def _process_rows(records, reader, header, processor, mode, output_dir, progress
     with _writers(output_dir, output_columns) as (finished, pending):
         for batch in _batches(records, reader, processor.batch_size):
             well_formed = [values for _, values in batch if len(values) == len(columns)]
-            rows = [{columns[i]: values[i].strip() for i in keep} for values in well_formed]
+            rows = [
+                {columns[i]: restored(values[i].strip()) for i in keep} for values in well_formed
+            ]
             changes = {} if describe else None
             errors = processor.apply_batch(rows, mode, changes) if rows else {}
             good, index = [], 0

@@ -12,6 +12,7 @@ import errno
 import os
 import re
 import tempfile
+import time
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
@@ -34,6 +35,11 @@ CHUNK_SIZE = 64 * 1024
 UTF8_BOM = codecs.BOM_UTF8
 UNSAFE_CHARACTERS = re.compile(r"[^A-Za-z0-9_.-]+")
 NO_HEADER = "The file has no header row: its first line must name the columns."
+#: The names of the hidden partial files of uploads and of the row editor begin so.
+UPLOAD_PREFIX, EDIT_PREFIX = ".upload-", ".edit-"
+PART_PREFIXES = (UPLOAD_PREFIX, EDIT_PREFIX)
+#: A partial file not written to for this long belongs to a process that died.
+STALE_PART_SECONDS = 3600
 
 
 class UploadError(ValueError):
@@ -74,6 +80,7 @@ def save_upload(
     the import managers (a mail that cannot be sent is logged, never fails the upload).
     """
     name = safe_filename(filename)
+    remove_stale_parts(datacenter)
     _check_name_is_free(datacenter, name)
     with _stored_canonical(datacenter, fileobj, max_size) as (stored, form):
         _check_name_is_free(datacenter, name)
@@ -97,6 +104,7 @@ def replace_upload(
     kept in ``deleted/``. Raises UploadError as save_upload does, and while `name` is being
     processed, leaving everything as it was."""
     datacenter.get_file(name)
+    remove_stale_parts(datacenter)
     with _stored_canonical(datacenter, fileobj, max_size) as (stored, form):
         try:
             kept = datacenter.replace_file(name, stored)
@@ -154,8 +162,28 @@ def _stored_canonical(datacenter: DataCenter, fileobj, max_size: int | None):
                 os.unlink(path)
 
 
+def remove_stale_parts(datacenter: DataCenter, now: float | None = None) -> list[str]:
+    """Remove the hidden partial files of uploads and edits in the storage root that no
+    process has written for STALE_PART_SECONDS (their process was killed); return their
+    names."""
+    now = time.time() if now is None else now
+    removed = []
+    with os.scandir(datacenter.storage) as entries:
+        for entry in entries:
+            if not (entry.name.startswith(PART_PREFIXES) and entry.name.endswith(".part")):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                stat = entry.stat(follow_symlinks=False)
+                if now - stat.st_mtime > STALE_PART_SECONDS and entry.is_file(
+                    follow_symlinks=False
+                ):
+                    os.unlink(entry.path)
+                    removed.append(entry.name)
+    return removed
+
+
 def _temp_file(datacenter: DataCenter, temp_paths: list[str]) -> str:
-    handle, path = tempfile.mkstemp(dir=datacenter.storage, prefix=".upload-", suffix=".part")
+    handle, path = tempfile.mkstemp(dir=datacenter.storage, prefix=UPLOAD_PREFIX, suffix=".part")
     os.close(handle)
     temp_paths.append(path)
     return path

@@ -164,7 +164,10 @@ def job(request, pk):
     result = job.result or {}
     context["errors"] = result.get("errors", [])[:PREVIEW_ERRORS]
     if job.dry_run and job.status == Job.SUCCESS:
-        context["changes"] = paginate(request, result.get("changes", []))
+        if exports.may_view_records(request.user, job.processor):
+            context["changes"] = paginate(request, result.get("changes", []))
+        else:
+            context["changes_hidden"] = True
         context["change_counts"] = result.get("change_counts", {})
         context["can_process"] = request.user.has_perm("datacenter.process_files") and (
             _is_pending(job.file_name)
@@ -244,6 +247,8 @@ def export_list(request):
             return redirect(job)
     exports.remove_expired(datacenter)
     files = exports.export_files(datacenter)
+    makers = _export_jobs([file.name for file in files])
+    files = [file for file in files if _may_download(request.user, makers.get(file.name))]
     for file in files:
         file.expires = exports.expires(file)
     exporters = [
@@ -257,7 +262,23 @@ def export_list(request):
 @datacenter_permission("export_records")
 @file_or_404
 def download_export(request, name):
+    if not _may_download(request.user, _export_jobs([name]).get(name)):
+        raise Http404("No such export.")
     return _logged_download(request, name, EXPORTS_FOLDER)
+
+
+def _export_jobs(names: list[str]) -> dict[str, Job]:
+    """The jobs that made the exports `names`, by name (none for an export of a command)."""
+    made = Job.objects.filter(kind=Job.EXPORT, status=Job.SUCCESS, file_name__in=names)
+    return {job.file_name: job for job in made.order_by("created", "pk")}
+
+
+def _may_download(user, made: Job | None) -> bool:
+    return exports.may_download(
+        user,
+        made_by_id=made and made.user_id,
+        secrets=made is None or made.result.get("secrets", True),
+    )
 
 
 @datacenter_permission("view_files")

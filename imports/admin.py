@@ -75,12 +75,22 @@ class CdsSourceForm(forms.ModelForm):
         return os.path.expanduser(self.cleaned_data["spool_dir"].strip())
 
 
+#: Write-only: a field to set or clear them, never their value, for anybody.
+SECRET_FIELDS = ("password", "passphrase", "clear_passphrase")
+
+
 @admin.register(CdsSource)
 class CdsSourceAdmin(admin.ModelAdmin):
     form = CdsSourceForm
     list_display = ("name", "host", "port", "remote_dir", "spool_dir", "enabled", "alert_since")
     list_filter = ("enabled",)
-    readonly_fields = ("offered_host_key_to_trust", "alert_since", "alert_reason")
+    readonly_fields = (
+        "offered_host_key_to_trust",
+        "alert_since",
+        "alert_reason",
+        "password_stored",
+        "passphrase_stored",
+    )
     search_fields = ("name", "host")
     actions = ["run_now", "export_now"]
 
@@ -108,6 +118,22 @@ class CdsSourceAdmin(admin.ModelAdmin):
                 f"Queued {len(runs)} {direction} run(s): {', '.join(str(run) for run in runs)}. "
                 "A worker carries them out; their progress is on the imports pages.",
             )
+
+    def get_fields(self, request, obj=None):
+        # Whoever may only view a source sees the form's fields as text: its secrets would
+        # be shown in clear, so only whether they are set is.
+        fields = super().get_fields(request, obj)
+        if obj is None or self.has_change_permission(request, obj):
+            return [f for f in fields if f not in ("password_stored", "passphrase_stored")]
+        return [f for f in fields if f not in SECRET_FIELDS]
+
+    @admin.display(description="Password")
+    def password_stored(self, source):
+        return "set" if source.password else "not set"
+
+    @admin.display(description="Key passphrase")
+    def passphrase_stored(self, source):
+        return "set" if source.passphrase else "not set"
 
     @admin.display(description="Host key the server offered")
     def offered_host_key_to_trust(self, source):

@@ -303,6 +303,8 @@ def name_problem(name: str) -> str | None:
         return "the name contains control characters"
     if name.startswith("."):
         return "hidden file"
+    if name in (READ_LOCK, WRITE_LOCK):
+        return "it is the name of a CDS lock file, which would lock the exchange"
     if len(name.encode()) > MAX_NAME_BYTES:
         return f"the name is longer than {MAX_NAME_BYTES} bytes"
     return None

@@ -36,7 +36,9 @@ def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix, t
 
 
 def process_env(**extra) -> dict:
-    """The environment of a manage.py process that uses the test database."""
+    """The environment of a manage.py process that uses the test database and the test's
+    storage settings, as processes of one site share their environment."""
+    from django.conf import settings
     from django.db import connection
 
     database = connection.settings_dict
@@ -47,7 +49,8 @@ def process_env(**extra) -> dict:
             f"postgres://{database['USER']}:{database['PASSWORD']}@{database['HOST']}:"
             f"{database['PORT']}/{database['NAME']}"
         )
-    return {**os.environ, "DATABASE_URL": url, **extra}
+    storage = {"DATACENTER_STORAGE_ROOT": settings.DATACENTER_STORAGE_ROOT}
+    return {**os.environ, "DATABASE_URL": url, **storage, **extra}
 
 
 @pytest.fixture(autouse=True)

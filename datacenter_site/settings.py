@@ -273,5 +273,7 @@ LOGGING = {
         "imports.cds": {"level": "INFO"},
         # The run's own log says what matters; paramiko's INFO lines are noise in cron mail.
         "paramiko": {"level": "WARNING"},
+        # django-axes tells of every login at INFO; its warnings (lock-outs) are kept.
+        "axes": {"level": "WARNING"},
     },
 }

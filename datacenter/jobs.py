@@ -133,6 +133,23 @@ def start_export(*, processor: str, user) -> Job:
     return _start(job, at_once=at_once)
 
 
+def downloadable_exports(user, names: list[str]) -> set[str]:
+    """Those of the exports `names` that `user` may download: exports are private to the
+    person whose job made them, and one holding secrets reaches superusers only (so do the
+    exports of commands, which no job made)."""
+    made = Job.objects.filter(kind=Job.EXPORT, status=Job.SUCCESS, file_name__in=names)
+    makers = {job.file_name: job for job in made.order_by("created", "pk")}
+    return {
+        name
+        for name in names
+        if exports.may_download(
+            user,
+            made_by_id=makers[name].user_id if name in makers else None,
+            secrets=name not in makers or makers[name].result.get("secrets", True),
+        )
+    }
+
+
 def _refuse_while_relocating(action: str) -> None:
     if StorageLocation.objects.filter(pk=1, relocating__status__in=Job.IN_PROGRESS).exists():
         raise StorageError(f"The storage is being relocated; {action} when that ends.")

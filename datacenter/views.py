@@ -247,8 +247,8 @@ def export_list(request):
             return redirect(job)
     exports.remove_expired(datacenter)
     files = exports.export_files(datacenter)
-    makers = _export_jobs([file.name for file in files])
-    files = [file for file in files if _may_download(request.user, makers.get(file.name))]
+    allowed = jobs.downloadable_exports(request.user, [file.name for file in files])
+    files = [file for file in files if file.name in allowed]
     for file in files:
         file.expires = exports.expires(file)
     exporters = [
@@ -262,23 +262,9 @@ def export_list(request):
 @datacenter_permission("export_records")
 @file_or_404
 def download_export(request, name):
-    if not _may_download(request.user, _export_jobs([name]).get(name)):
+    if name not in jobs.downloadable_exports(request.user, [name]):
         raise Http404("No such export.")
     return _logged_download(request, name, EXPORTS_FOLDER)
-
-
-def _export_jobs(names: list[str]) -> dict[str, Job]:
-    """The jobs that made the exports `names`, by name (none for an export of a command)."""
-    made = Job.objects.filter(kind=Job.EXPORT, status=Job.SUCCESS, file_name__in=names)
-    return {job.file_name: job for job in made.order_by("created", "pk")}
-
-
-def _may_download(user, made: Job | None) -> bool:
-    return exports.may_download(
-        user,
-        made_by_id=made and made.user_id,
-        secrets=made is None or made.result.get("secrets", True),
-    )
 
 
 @datacenter_permission("view_files")

@@ -37,6 +37,11 @@ def person(django_user_model, username, *permissions, **fields):
     return user, client
 
 
+def cds_source(spool, **fields) -> CdsSource:
+    defaults = {"name": "partner", "host": "127.0.0.1", "user": "u", "remote_dir": "/"}
+    return CdsSource.objects.create(**{**defaults, **fields, "spool_dir": str(spool)})
+
+
 def pending(datacenter, name, text):
     return write(os.path.join(datacenter.storage, name), text)
 
@@ -92,13 +97,7 @@ def test_relocation_refuses_the_parent_itself_and_a_folder_holding_the_code(
 
 
 def test_relocation_refuses_a_cds_spool_and_a_folder_holding_one(relocator, tmp_path):
-    CdsSource.objects.create(
-        name="partner",
-        host="127.0.0.1",
-        user="u",
-        remote_dir="/",
-        spool_dir=str(tmp_path / "cds" / "in"),
-    )
+    cds_source(tmp_path / "cds" / "in")
 
     for target in (tmp_path / "cds", tmp_path / "cds" / "in", tmp_path / "cds" / "in" / "new"):
         response = relocate(relocator, str(target))
@@ -125,9 +124,7 @@ def test_relocation_takes_the_path_literally_below_a_parent(relocator, tmp_path,
 def test_a_queued_relocation_is_checked_again_when_it_runs(relocator, tmp_path, datacenter):
     target = tmp_path / "later"
     relocate(relocator, str(target), move="on")
-    CdsSource.objects.create(
-        name="late", host="h", user="u", remote_dir="/", spool_dir=str(target)
-    )
+    cds_source(target, name="late")
 
     run_worker()
 
@@ -488,17 +485,9 @@ def test_dry_run_values_are_shown_only_to_those_who_may_view_the_records(
 
 
 def test_a_source_viewer_in_the_admin_sees_no_secret(django_user_model, tmp_path):
-    CdsSource.objects.create(
-        name="partner",
-        host="127.0.0.1",
-        user="u",
-        remote_dir="/",
-        spool_dir=str(tmp_path / "spool"),
-        protocol="sftp",
-        password="ftp-s3cret",
-        passphrase="key-s3cret",
+    source = cds_source(
+        tmp_path / "spool", protocol="sftp", password="ftp-s3cret", passphrase="key-s3cret"
     )
-    source = CdsSource.objects.get()
     _, viewer = person(django_user_model, "viewer", "imports.view_cdssource", is_staff=True)
 
     page = viewer.get(reverse("admin:imports_cdssource_change", args=[source.pk]))
@@ -509,14 +498,7 @@ def test_a_source_viewer_in_the_admin_sees_no_secret(django_user_model, tmp_path
 
 
 def test_a_source_editor_gets_fields_to_set_the_secrets_never_their_values(admin_client, tmp_path):
-    source = CdsSource.objects.create(
-        name="partner",
-        host="h",
-        user="u",
-        remote_dir="/",
-        spool_dir=str(tmp_path / "s"),
-        password="pw1x",
-    )
+    source = cds_source(tmp_path / "s", password="pw1x")
 
     page = admin_client.get(reverse("admin:imports_cdssource_change", args=[source.pk]))
 
@@ -571,14 +553,7 @@ def test_a_header_of_a_million_columns_is_uploaded_and_checked_in_linear_time(
 
 
 def test_the_lock_names_never_enter_the_outgoing_spool(django_user_model, tmp_path):
-    source = CdsSource.objects.create(
-        name="partner",
-        host="h",
-        user="u",
-        remote_dir="/in",
-        export_dir="/out",
-        spool_dir=str(tmp_path / "s"),
-    )
+    source = cds_source(tmp_path / "s", export_dir="/out")
     _, operator = person(django_user_model, "op", "imports.view_importrun", "imports.run_import")
 
     for name in ("read", "write"):

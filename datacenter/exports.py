@@ -15,11 +15,14 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 
 from django.conf import settings
+from django.db import models
 from django.utils import timezone
 
+from . import workbooks
 from .formulas import neutralised
 from .processing import ModelProcessor, ProcessingError, get_processor, processors
 from .storage import (
+    DATA_FOLDERS,
     EXPORTS_FOLDER,
     DataCenter,
     DataCenterFile,
@@ -95,14 +98,16 @@ def record_count(processor: ModelProcessor) -> int:
     return processor.model._default_manager.count()
 
 
-def rows(processor: ModelProcessor) -> Iterator[list[str]]:
+def rows(processor: ModelProcessor, neutralise: bool = True) -> Iterator[list[str]]:
     """The records of `processor`'s model as rows of its columns, by primary key.
 
     Values are written as update mode reads them: yes/no as 1/0, many-to-many fields as the
     names of their objects joined by the separator, a value a spreadsheet would take for a
-    formula behind a ``'`` (see neutralised); the columns the processor hides from its
-    user are empty, which update mode reads as "leave as it is".
+    formula behind a ``'`` (see neutralised; not with `neutralise` off, for the cells of a
+    workbook, which are never formulas); the columns the processor hides from its user are
+    empty, which update mode reads as "leave as it is".
     """
+    shown = neutralised if neutralise else str
     meta = processor.model._meta
     fields = {name: meta.get_field(name) for name in processor.columns}
     plain = [name for name, field in fields.items() if not field.many_to_many]
@@ -126,11 +131,9 @@ def rows(processor: ModelProcessor) -> Iterator[list[str]]:
                 if name in hidden:
                     row.append("")
                 elif name in related:
-                    row.append(
-                        neutralised(processor.separator.join(sorted(related[name].get(pk, []))))
-                    )
+                    row.append(shown(processor.separator.join(sorted(related[name].get(pk, [])))))
                 else:
-                    row.append(neutralised(_cell(cells[name])))
+                    row.append(shown(_cell(cells[name])))
             yield row
         last_pk = records[-1][0]
 
@@ -143,6 +146,17 @@ def _cell(value) -> str:
     return str(value)
 
 
+def _counted(records: Iterator[list[str]], progress: Callable[[int], None] | None):
+    """`records` as they are, telling `progress(records)` after each page and at the end."""
+    count = 0
+    for count, row in enumerate(records, start=1):
+        yield row
+        if progress and count % PAGE_SIZE == 0:
+            progress(count)
+    if progress:
+        progress(count)
+
+
 def write_csv(
     processor: ModelProcessor, handle, progress: Callable[[int], None] | None = None
 ) -> int:
@@ -151,33 +165,66 @@ def write_csv(
     writer = csv.writer(handle)
     writer.writerow(processor.columns)
     count = 0
-    for row in rows(processor):
+    for row in _counted(rows(processor), progress):
         writer.writerow(row)
         count += 1
-        if progress and count % PAGE_SIZE == 0:
-            progress(count)
-    if progress:
-        progress(count)
     return count
 
 
-def write_file(processor: ModelProcessor, path: str, progress=None) -> int:
+def write_xlsx(processor: ModelProcessor, path: str, progress=None) -> int:
+    """Write the header and every record of `processor` to the workbook `path`: the header
+    styled as one, text columns as text (so that ``007`` stays ``007``), numbers as numbers;
+    return the number of records."""
+    meta = processor.model._meta
+    text = [_is_text(meta.get_field(name)) for name in processor.columns]
+    records = _counted(rows(processor, neutralise=False), progress)
+    return workbooks.write_xlsx(path, processor.title, list(processor.columns), text, records)
+
+
+def _is_text(field) -> bool:
+    return field.many_to_many or isinstance(field, models.CharField | models.TextField)
+
+
+#: The formats of an export: what a person calls it, and how its name ends.
+FORMATS = {
+    "csv": ("CSV", ".csv"),
+    "excel-csv": ("CSV for Excel (UTF-8 with byte order mark)", "-excel.csv"),
+    "xlsx": ("Excel workbook", ".xlsx"),
+}
+
+
+def check_format(file_format: str) -> str:
+    if file_format not in FORMATS:
+        raise ExportError(
+            f"Unknown export format {file_format!r}: choose one of {', '.join(FORMATS)}."
+        )
+    return file_format
+
+
+def write_file(processor: ModelProcessor, path: str, progress=None, file_format="csv") -> int:
     """Export to the file `path` (replaced when it exists) through a hidden temporary file
     beside it, so that `path` is never half-written; return the number of records."""
     folder, name = os.path.split(os.path.abspath(path))
-    return _written(processor, os.path.join(folder, f".{name}{PART_SUFFIX}"), progress, path)
+    part_path = os.path.join(folder, f".{name}{PART_SUFFIX}")
+    return _written(processor, part_path, progress, file_format, path)
 
 
 def export_to_storage(
-    datacenter: DataCenter, processor: ModelProcessor, *, part_name: str, progress=None
+    datacenter: DataCenter,
+    processor: ModelProcessor,
+    *,
+    part_name: str,
+    progress=None,
+    file_format: str = "csv",
 ) -> tuple[DataCenterFile, int]:
     """Export to a new file named after the processor and the time in the storage's
     exports/ folder, written as the hidden `part_name` first; return it and its records."""
     os.makedirs(os.path.join(datacenter.storage, EXPORTS_FOLDER), exist_ok=True)
     folder = datacenter.real_folder(EXPORTS_FOLDER)
-    name = f"{processor.name}-{timezone.localtime():%Y%m%d-%H%M%S}.csv"
+    ending = FORMATS[check_format(file_format)][1]
+    name = f"{processor.name}-{timezone.localtime():%Y%m%d-%H%M%S}{ending}"
     part_path = os.path.join(folder, part_name)
-    count = _written(processor, part_path, progress)
+    count = _written(processor, part_path, progress, file_format)
     try:
         name = place_under_free_name(part_path, folder, name)
     except BaseException:
@@ -186,10 +233,15 @@ def export_to_storage(
     return datacenter.get_file(name, EXPORTS_FOLDER), count
 
 
-def _written(processor, part_path: str, progress, final_path: str | None = None) -> int:
+def _written(processor, part_path, progress, file_format, final_path=None) -> int:
     try:
-        with open(part_path, "w", encoding="utf-8", newline="") as handle:
-            count = write_csv(processor, handle, progress)
+        if file_format == "xlsx":
+            count = write_xlsx(processor, part_path, progress)
+        else:
+            # Excel reads a CSV file as UTF-8 only behind a byte order mark.
+            encoding = "utf-8-sig" if file_format == "excel-csv" else "utf-8"
+            with open(part_path, "w", encoding=encoding, newline="") as handle:
+                count = write_csv(processor, handle, progress)
         fsync_file(part_path)
         if final_path:
             os.replace(part_path, final_path)
@@ -211,7 +263,7 @@ def export_files(datacenter: DataCenter) -> list[DataCenterFile]:
         DataCenterFile(entry.path, EXPORTS_FOLDER)
         for entry in _entries(datacenter)
         if entry.is_file(follow_symlinks=False)
-        and entry.name.endswith(".csv")
+        and entry.name.endswith(DATA_FOLDERS[EXPORTS_FOLDER])
         and not entry.name.startswith(".")
     ]
     return sorted(files, key=lambda file: (file.modified, file.name), reverse=True)

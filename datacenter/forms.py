@@ -12,11 +12,17 @@ def form_helper(submit_label: str, method: str = "post") -> FormHelper:
     return helper
 
 
+#: What the file inputs offer to choose: CSV files and workbooks.
+ACCEPTED_FILES = ".csv,.xlsx,.xls,.ods,text/csv"
+
+
 class UploadForm(forms.Form):
     file = forms.FileField(
-        label="CSV file",
-        help_text="UTF-8 text with a header row naming the columns.",
-        widget=forms.ClearableFileInput(attrs={"accept": ".csv,text/csv"}),
+        label="CSV file or workbook",
+        help_text="A CSV file as spreadsheet programs save it (UTF-8, UTF-16 or Windows-1252; "
+        "comma, semicolon or tab), or a workbook (.xlsx, .xls, .ods), of which the first "
+        "sheet is taken. Its first row names the columns.",
+        widget=forms.ClearableFileInput(attrs={"accept": ACCEPTED_FILES}),
     )
 
     def __init__(self, *args, **kwargs):
@@ -27,9 +33,10 @@ class UploadForm(forms.Form):
 
 class ReplaceForm(forms.Form):
     file = forms.FileField(
-        label="Corrected CSV file",
-        help_text="It takes the place of the pending file; the old version is kept in deleted/.",
-        widget=forms.ClearableFileInput(attrs={"accept": ".csv,text/csv"}),
+        label="Corrected CSV file or workbook",
+        help_text="It takes the place of the pending file (a workbook's first sheet, as CSV); "
+        "the old version is kept in deleted/.",
+        widget=forms.ClearableFileInput(attrs={"accept": ACCEPTED_FILES}),
     )
 
     def __init__(self, *args, **kwargs):

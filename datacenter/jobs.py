@@ -120,15 +120,19 @@ def start_relocation(*, path: str, move: bool, overwrite: bool, user) -> Job:
     return _start(job, at_once=not move)
 
 
-def start_export(*, processor: str, user) -> Job:
-    """Export the records of `processor`: at once when they are few, else queued.
+def start_export(*, processor: str, user, file_format: str = "csv") -> Job:
+    """Export the records of `processor` in `file_format` (see exports.FORMATS): at once
+    when they are few, else queued.
 
-    Raises ExportError, before any job is recorded, when `user` may not, and StorageError
-    while the storage is being relocated.
+    Raises ExportError, before any job is recorded, when `user` may not or the format is
+    unknown, and StorageError while the storage is being relocated.
     """
     exporter = exports.check_export(processor, user)
+    exports.check_format(file_format)
     _refuse_while_relocating("export")
-    job = Job.objects.create(kind=Job.EXPORT, user=user, processor=exporter.name)
+    job = Job.objects.create(
+        kind=Job.EXPORT, user=user, processor=exporter.name, export_format=file_format
+    )
     at_once = exports.record_count(exporter) <= settings.DATACENTER_EXPORT_AT_ONCE_ROWS
     return _start(job, at_once=at_once)
 
@@ -337,6 +341,7 @@ def _export(job: Job) -> None:
         exporter,
         part_name=_part_name(job),
         progress=lambda done: progress(done, max(total, done)),
+        file_format=job.export_format,
     )
     datacenter.log_action(
         job.user, "export", f"{exporter.name}: {count} records -> {file.rel_path}"

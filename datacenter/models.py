@@ -108,6 +108,8 @@ class Job(models.Model):
     #: Of a dry run: the SHA-256 of the file it checked. Of processing after a dry run: the
     #: SHA-256 the file must still have.
     sha256 = models.CharField(max_length=64, blank=True)
+    #: Of an export: its format (see datacenter.exports.FORMATS).
+    export_format = models.CharField(max_length=10, blank=True, default="csv")
 
     status = models.CharField(max_length=12, choices=STATUSES, default=QUEUED, db_index=True)
     done = models.PositiveIntegerField(default=0)

@@ -39,7 +39,7 @@ ACTION_LOG = "datacenter.log"
 JOBS_FOLDER = ".jobs"
 #: The folder of exported records, made by the first export.
 EXPORTS_FOLDER = "exports"
-#: The folders whose files the site shows, each with the ending of the names it shows; any
+#: The folders whose files the site shows, each with the endings of the names it shows; any
 #: other file lying in them is not the data center's and is never listed, served, replaced
 #: or deleted.
 DATA_FOLDERS = {
@@ -47,7 +47,7 @@ DATA_FOLDERS = {
     "finished": ".csv",
     "unfinished": ".csv",
     "deleted": ".csv",
-    EXPORTS_FOLDER: ".csv",
+    EXPORTS_FOLDER: (".csv", ".xlsx"),
 }
 LOG_SUFFIX = ".log"
 

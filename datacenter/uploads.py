@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
+from . import workbooks
 from .emails import notify_upload
 from .processing import some_of
 from .storage import (
@@ -50,19 +51,21 @@ def safe_filename(filename: str) -> str:
     """The name under which an upload called `filename` is stored.
 
     Folder parts are dropped, accents are removed, every other character outside letters,
-    digits and ``_ . -`` becomes ``_``, the extension is written ``.csv`` and the name is cut
-    to MAX_NAME_LENGTH characters. Raises UploadError for a name that is not a CSV file name.
+    digits and ``_ . -`` becomes ``_``, the extension is written ``.csv`` (a workbook is stored
+    as CSV) and the name is cut to MAX_NAME_LENGTH characters. Raises UploadError for a name
+    that is neither a CSV file's nor a workbook's.
     """
     name = re.split(r"[/\\]", filename or "")[-1]
     stem, ext = os.path.splitext(name)
-    if ext.lower() != ".csv":
+    if ext.lower() != ".csv" and not workbooks.is_workbook(name):
         raise UploadError(
-            f"Only CSV files can be uploaded: the file name {filename!r} does not end in '.csv'."
+            f"Only CSV files and workbooks can be uploaded: the file name {filename!r} ends "
+            f"in none of .csv, {', '.join(workbooks.KINDS)}."
         )
     stem = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode("ascii")
     stem = UNSAFE_CHARACTERS.sub("_", stem).strip("._-")
     if not stem:
-        raise UploadError(f"The file name {filename!r} has no usable characters before '.csv'.")
+        raise UploadError(f"The file name {filename!r} has no usable characters before {ext!r}.")
     return stem[: MAX_NAME_LENGTH - len(".csv")] + ".csv"
 
 
@@ -72,8 +75,10 @@ def save_upload(
     """Store the CSV file `fileobj` (binary) under a safe form of `filename` in the root, in
     the one canonical form: UTF-8 without BOM, comma-separated.
 
-    Files as spreadsheet programs save them are converted (see `read_spreadsheet_csv`); the
-    returned file's ``conversion`` says how ("" when stored as it came). Raises UploadError,
+    Files as spreadsheet programs save them are converted (see `read_spreadsheet_csv`), and
+    of a workbook (``NAME.xlsx``, ``.xls``, ``.ods``) the first sheet is stored as
+    ``NAME.csv`` (see `datacenter.workbooks`); the returned file's ``conversion`` says how
+    ("" when stored as it came). Raises UploadError,
     leaving no file behind, when the name is taken in the root, ``finished/`` or
     ``unfinished/``, the file is larger than `max_size` bytes, is no well-formed CSV file with
     a proper header, or cannot be written (a full disk). Records who uploaded it and tells
@@ -82,38 +87,47 @@ def save_upload(
     name = safe_filename(filename)
     remove_stale_parts(datacenter)
     _check_name_is_free(datacenter, name)
-    with _stored_canonical(datacenter, fileobj, max_size) as (stored, form):
+    with _stored_canonical(datacenter, fileobj, filename, max_size) as (stored, conversion):
         _check_name_is_free(datacenter, name)
         try:
             place_new_file(stored, os.path.join(datacenter.storage, name))
         except FileExistsError:
             raise UploadError(_name_taken(name, "the pending files")) from None
-    detail = f"{name} ({form.conversion})" if form.conversion else name
+    detail = f"{name} ({conversion})" if conversion else name
     datacenter.log_action(user, "upload", detail)
     file = datacenter.get_file(name)
-    file.conversion = form.conversion
+    file.conversion = conversion
     _recorded(datacenter, file, user, "uploaded")
     return file
 
 
 def replace_upload(
-    datacenter: DataCenter, fileobj, name: str, *, user=None, max_size: int | None = None
+    datacenter: DataCenter,
+    fileobj,
+    name: str,
+    *,
+    user=None,
+    max_size: int | None = None,
+    filename: str | None = None,
 ) -> tuple[DataCenterFile, str]:
-    """Store the CSV file `fileobj` as save_upload does, in place of the pending file `name`
-    (in one step, never missing), and return it with the name of the old version, which is
-    kept in ``deleted/``. Raises UploadError as save_upload does, and while `name` is being
+    """Store the CSV file or workbook `fileobj` (called `filename`: by default its own
+    name, else `name`) as save_upload does, in place of the pending file `name` (in one
+    step, never missing), and return it with the name of the old version, which is kept in
+    ``deleted/``. Raises UploadError as save_upload does, and while `name` is being
     processed, leaving everything as it was."""
     datacenter.get_file(name)
+    filename = filename or getattr(fileobj, "name", None) or name
+    safe_filename(filename)
     remove_stale_parts(datacenter)
-    with _stored_canonical(datacenter, fileobj, max_size) as (stored, form):
+    with _stored_canonical(datacenter, fileobj, filename, max_size) as (stored, conversion):
         try:
             kept = datacenter.replace_file(name, stored)
         except StorageError as exc:
             raise UploadError(str(exc)) from None
-    conversion = f" ({form.conversion})" if form.conversion else ""
-    datacenter.log_action(user, "replace", f"{name}{conversion}; old version deleted/{kept}")
+    detail = f" ({conversion})" if conversion else ""
+    datacenter.log_action(user, "replace", f"{name}{detail}; old version deleted/{kept}")
     file = datacenter.get_file(name)
-    file.conversion = form.conversion
+    file.conversion = conversion
     _recorded(datacenter, file, user, "replaced")
     return file, kept
 
@@ -130,9 +144,10 @@ def _recorded(datacenter: DataCenter, file: DataCenterFile, user, action: str) -
 
 
 @contextlib.contextmanager
-def _stored_canonical(datacenter: DataCenter, fileobj, max_size: int | None):
-    """Yield (path, form) of the upload written durably in canonical form to a hidden file
-    in the storage root, which the caller moves into place; remove what is left after."""
+def _stored_canonical(datacenter: DataCenter, fileobj, filename: str, max_size: int | None):
+    """Yield (path, what was converted) of the upload `filename` written durably in
+    canonical form to a hidden file in the storage root, which the caller moves into place;
+    remove what is left after. A workbook's first sheet becomes the CSV file."""
     if max_size is None:
         max_size = settings.DATACENTER_MAX_UPLOAD_SIZE
     temp_paths = []
@@ -145,21 +160,38 @@ def _stored_canonical(datacenter: DataCenter, fileobj, max_size: int | None):
         finally:
             with _storage_errors():
                 raw.close()
+        conversions = []
+        if workbooks.is_workbook(filename):
+            raw_path = _sheet_as_csv(datacenter, raw_path, filename, temp_paths, conversions)
         form = read_spreadsheet_csv(raw_path)
         with _storage_errors():
             if form.conversion:
                 stored = _temp_file(datacenter, temp_paths)
                 form.write_canonical(raw_path, stored)
+                conversions.append(form.conversion)
             else:
                 stored = raw_path
             os.chmod(stored, 0o644)
             fsync_file(stored)
         with _storage_errors():
-            yield stored, form
+            yield stored, ", ".join(conversions)
     finally:
         for path in temp_paths:
             if os.path.exists(path):
                 os.unlink(path)
+
+
+def _sheet_as_csv(datacenter, workbook: str, filename: str, temp_paths, conversions) -> str:
+    """The path of the first sheet of `workbook` written as CSV beside it."""
+    with _storage_errors():
+        target = _temp_file(datacenter, temp_paths)
+    try:
+        ending = os.path.splitext(filename)[1].lower()
+        sheet = workbooks.convert_in_child(workbook, target, ending=ending)
+    except workbooks.WorkbookError as exc:
+        raise UploadError(f"{exc} Nothing was stored.") from None
+    conversions.append(sheet.describe(workbooks.kind_of(filename)))
+    return target
 
 
 def remove_stale_parts(datacenter: DataCenter, now: float | None = None) -> list[str]:

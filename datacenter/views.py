@@ -240,7 +240,11 @@ def export_list(request):
     datacenter = current_datacenter()
     if request.method == "POST":
         try:
-            job = jobs.start_export(processor=request.POST.get("processor", ""), user=request.user)
+            job = jobs.start_export(
+                processor=request.POST.get("processor", ""),
+                user=request.user,
+                file_format=request.POST.get("format", "csv"),
+            )
         except (ExportError, StorageError) as exc:
             messages.error(request, str(exc))
         else:
@@ -255,7 +259,12 @@ def export_list(request):
         (processor, request.user.has_perm(exports.export_permission(processor)))
         for processor in exports.exportable()
     ]
-    context = {"files": files, "exporters": exporters, "days": settings.DATACENTER_EXPORT_DAYS}
+    context = {
+        "files": files,
+        "exporters": exporters,
+        "days": settings.DATACENTER_EXPORT_DAYS,
+        "formats": [(name, title) for name, (title, _) in exports.FORMATS.items()],
+    }
     return render(request, "datacenter/exports.html", context)
 
 

@@ -68,8 +68,8 @@ def test_file_names_are_made_safe(filename, stored):
 
 
 @pytest.mark.parametrize("filename", ["people.txt", "people", "people.csv.exe", ""])
-def test_only_csv_files_are_accepted(datacenter, filename):
-    refused(datacenter, b"id\n1\n", filename, "Only CSV files can be uploaded")
+def test_only_csv_files_and_workbooks_are_accepted(datacenter, filename):
+    refused(datacenter, b"id\n1\n", filename, "Only CSV files and workbooks can be uploaded")
 
 
 def test_a_name_without_usable_characters_is_refused(datacenter):

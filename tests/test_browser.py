@@ -286,3 +286,48 @@ def test_export_edit_upload_and_a_dry_run_shows_only_the_edit(page, clerk, setti
     expect(page.locator("#change-counts")).to_contain_text("2 would change nothing")
     expect(page.locator("#changes tbody tr")).to_have_count(1)
     expect(page.locator("#changes")).to_contain_text("Robert")
+
+
+def test_export_a_workbook_edit_it_upload_it_and_a_dry_run_shows_only_the_edit(
+    page, clerk, tmp_path
+):
+    import openpyxl
+
+    clerk.user_permissions.add(
+        *Permission.objects.filter(content_type__app_label="auth"),
+        Permission.objects.get(codename="export_records"),
+    )
+    User.objects.create(username="007", email="bond@example.org", first_name="James")
+    User.objects.create(username="bob", email="bob@example.org", first_name="Bob")
+    log_in(page, "clerk")
+
+    page.get_by_role("link", name="Exports").click()
+    row = page.get_by_role("row", name="User accounts")
+    row.get_by_label("Format").select_option("xlsx")
+    row.get_by_role("button", name="Export").click()
+    expect(page.locator("#export-result")).to_contain_text("3 records exported")
+    with page.expect_download() as download:
+        page.get_by_role("link", name="Download").click()
+    assert download.value.suggested_filename.endswith(".xlsx")
+    exported = tmp_path / download.value.suggested_filename
+    download.value.save_as(exported)
+    # Edited as a person would in a spreadsheet program: one cell changed, then saved.
+    book = openpyxl.load_workbook(exported)
+    sheet = book.active
+    [bob] = [row for row in sheet.iter_rows(min_row=2) if row[0].value == "bob"]
+    bob[2].value = "Robert"
+    edited = tmp_path / "users.xlsx"
+    book.save(edited)
+
+    page.get_by_role("link", name="Upload").click()
+    page.get_by_label("CSV file or workbook").set_input_files(str(edited))
+    page.get_by_role("button", name="Upload").click()
+    expect(page.locator(".alert-success")).to_contain_text("converted from Excel workbook")
+    page.get_by_role("row", name="users.csv").get_by_role("link", name="Process").click()
+    page.get_by_label("Mode").select_option("update")
+    page.get_by_role("button", name="Check and try (dry run)").click()
+
+    expect(page.locator("#change-counts")).to_contain_text("1 would update a record")
+    expect(page.locator("#change-counts")).to_contain_text("2 would change nothing")
+    expect(page.locator("#changes")).to_contain_text("Robert")
+    expect(page.locator("#changes")).not_to_contain_text("007")

@@ -76,7 +76,7 @@ def import_(
     passphrase: str = "",
     timeout: float = 30,
     passive: bool = True,
-    parallel: int = 4,
+    parallel: int = 1,
     stable_after: float | None = None,
     stability_interval: float = 2,
     lock_lease: float = 3600,
@@ -91,7 +91,8 @@ def import_(
     system's CAs) or ``sftp`` (the server's key pinned as `host_key`; login with the private
     key `key_file`, opened with `passphrase`, and/or the password). `timeout` bounds every
     network operation, in seconds. Up to `parallel` connections transfer files at once under
-    the one lock (fetch.py). With `stable_after`
+    the one lock (fetch.py); with one, as the seed calls it, a file at a time. With
+    `stable_after`
     (seconds), a file is taken only when its size did not change across two listings
     `stability_interval` seconds apart and it is at least that old, for partners that do not
     hold ``write`` while uploading.

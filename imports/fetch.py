@@ -6,7 +6,9 @@ to hidden partial files in ``tmp/``, checking each against the size the server l
 `BATCH_FILES` files or `BATCH_SECONDS` seconds, before a large file and at the end, it makes
 its batch durable with one journal and one sync (spool.py), and only then removes the batch's
 files on the server and moves them to ``new/``. The log lines of one file stay in their
-order; those of files on different connections interleave.
+order; those of files on different connections interleave. With one connection, files go one
+at a time, as in the seed: each file is durable, removed and delivered before the next one is
+downloaded, so that each file's three lines come before the next file's.
 
 A file that fails alone (refused, cut short) stays on the server. A broken connection ends that
 connection only; the others go on with the queue. A spool that cannot be written ends them all.
@@ -104,6 +106,7 @@ def fetch(
     names = _LocalNames(store)
     stop = threading.Event()
     errors: list[BaseException] = []
+    batch_files = 1 if parallel == 1 else BATCH_FILES
 
     def work(own_transport, number: int) -> None:
         try:
@@ -113,7 +116,7 @@ def fetch(
                 except (*SERVER_ERRORS, *CONNECTION_ERRORS) as exc:
                     log.warning("Could not open transfer connection %s: %s", number, exc)
                     return
-            _Connection(own_transport, jobs, store, names, report, stop).run()
+            _Connection(own_transport, jobs, store, names, report, stop, batch_files).run()
         except BaseException as exc:
             errors.append(exc)
             if isinstance(exc, SpoolError):
@@ -173,9 +176,10 @@ class _Download:
 class _Connection:
     """One connection's share of the queue, in batches."""
 
-    def __init__(self, transport, jobs, store, names, report, stop):
+    def __init__(self, transport, jobs, store, names, report, stop, batch_files=BATCH_FILES):
         self.transport, self.jobs, self.store = transport, jobs, store
         self.names, self.report, self.stop = names, report, stop
+        self.batch_files = batch_files
         self.batch: list[_Download] = []
         self.batch_started = 0.0
         self.buffer = mmap.mmap(-1, DIRECT_BLOCK)  # page-aligned, as direct writes need
@@ -191,7 +195,7 @@ class _Connection:
                     self.commit()
                 self.download(remote)
                 if self.batch and (
-                    len(self.batch) >= BATCH_FILES
+                    len(self.batch) >= self.batch_files
                     or time.monotonic() - self.batch_started >= BATCH_SECONDS
                     or not self.jobs
                 ):

@@ -34,16 +34,22 @@ from .transports import (
     CONNECTION_ERRORS,
     SERVER_ERRORS,
     PermanentError,
+    UnlistableFolder,
 )
 
 log = logging.getLogger("imports.cds")
 
 UPLOAD_RECORD = "upload"
+TAKEN = "a file of this name is on the server, and it is never replaced"
 UPLOADING, RENAMING = "uploading", "renaming"
 
 
 class ExportResult(RunResult):
     """What an export run did."""
+
+
+class NameTaken(Exception):
+    """The name of a file to send is taken on the server."""
 
 
 def export_(
@@ -102,7 +108,11 @@ def export_(
         if not to_send:
             log.info("No new files to export.")
             return
-        on_server = {entry.raw for entry in transport.list(with_links=False)}
+        try:
+            on_server = {entry.raw for entry in transport.list(with_links=False)}
+        except UnlistableFolder as exc:
+            log.info("The folder cannot be listed (%s); each name is asked for alone.", exc)
+            on_server = set()
         for done, name in enumerate(to_send, 1):
             _upload(transport, store, name, on_server, result)
             if progress:
@@ -177,7 +187,7 @@ def _upload(transport, store: FileStore, name: str, on_server: set[bytes], resul
         size = os.path.getsize(local)
     outcome = FileOutcome(name, size, "failed", local_name=name)
     if raw in on_server:
-        outcome.reason = "a file of this name is on the server, and it is never replaced"
+        outcome.reason = TAKEN
         log.error("Could not upload %s: %s; it stays in new/.", name, outcome.reason)
         result.add(outcome)
         return
@@ -191,10 +201,14 @@ def _upload(transport, store: FileStore, name: str, on_server: set[bytes], resul
         on_the_server = transport.size(temp)
         if on_the_server != size:
             raise TransferError(f"the server has {on_the_server} of {size} bytes")
+        # A file of the partner's is never replaced, also in a folder that cannot be listed
+        # (FTP's rename would replace it): the name is proved free under our lock first.
+        if transport.exists(raw):
+            raise NameTaken(TAKEN)
         with spool_errors():
             store.write_record(UPLOAD_RECORD, {**record, "phase": RENAMING})
         transport.rename(temp, raw)
-    except (*SERVER_ERRORS, TransferError) as exc:
+    except (*SERVER_ERRORS, TransferError, NameTaken) as exc:
         outcome.reason = str(exc) or type(exc).__name__
         log.error("Could not upload %s (%s); it stays in new/.", name, outcome.reason)
         # Absent, or the connection is gone: the next upload of the file starts anew.

@@ -14,6 +14,7 @@ else's is respected.
 import functools
 import logging
 import os
+import socket
 import ssl
 import uuid
 from collections.abc import Callable
@@ -25,7 +26,14 @@ from datacenter.processes import HOST, died_on_this_host
 
 from .fetch import FileOutcome, SpoolError, spool_errors
 from .spool import FileStore
-from .transports import CONNECTION_ERRORS, SERVER_ERRORS, HostKeyError, open_transport
+from .transports import (
+    CONNECTION_ERRORS,
+    SERVER_ERRORS,
+    HostKeyError,
+    PermanentError,
+    UnlistableFolder,
+    open_transport,
+)
 
 log = logging.getLogger("imports.cds")
 
@@ -64,7 +72,18 @@ class RunResult:
     def fail(self, exc: BaseException) -> "RunResult":
         log.error("Exiting with exception:", exc_info=exc)
         self.status = FAILED
-        self.error = f"{type(exc).__name__}: {exc}"
+        self.error = in_words(exc)
+        return self
+
+    def lock_left(self, lock: str, reason: str) -> "RunResult":
+        """A run whose lock `lock` stays on the server fails: it locks the partner out."""
+        self.status = FAILED
+        left = (
+            f"The lock file '{lock}' stays on the server ({reason}): the partner cannot "
+            "exchange files until it is removed; the next run tries again."
+        )
+        self.error = f"{self.error} {left}" if self.error else left
+        log.error("%s", left)
         return self
 
     def finish(self, failed_files: str) -> "RunResult":
@@ -119,7 +138,7 @@ def run_under_lock(
         return result
 
     token = uuid.uuid4().hex
-    locked = False
+    locked = False  # whether our lock may be on the server
     try:
         transport.cwd(path)
         lock = lock_in_the_way(transport, store, server, lock_lease, claimed, own)
@@ -130,7 +149,11 @@ def run_under_lock(
             result.status = LOCKED
             return result
         locked = True
-        create_lock(transport, store, own, server, run_label, token)
+        try:
+            create_lock(transport, store, own, server, run_label, token)
+        except LockRefused:
+            locked = False
+            raise
         work(transport, reconnect)
     except (SpoolError, *SERVER_ERRORS, *CONNECTION_ERRORS) as exc:
         if isinstance(exc, SpoolError):
@@ -138,18 +161,21 @@ def run_under_lock(
         else:
             log.error("Error accessing FTP server.")
         transport.close()
+        left = None
         if locked:
             # A transfer may have been cut off half-way: the old connection cannot be trusted
             # to answer the next command, so the lock goes on a new one.
-            remove_lock(None, reconnect, store, own)
+            left = remove_lock(None, reconnect, store, own)
             log.info("Disconnected from CDS FTP server")
-        return result.fail(exc)
+        result.fail(exc)
+        return result.lock_left(own, left) if left else result
     finally:
         ACTIVE_LOCKS.discard(token)
 
-    remove_lock(transport, reconnect, store, own)
+    left = remove_lock(transport, reconnect, store, own)
     log.info("Disconnected from CDS FTP server")
-    return result.finish(failed_files)
+    result.finish(failed_files)
+    return result.lock_left(own, left) if left else result
 
 
 def connect(result: RunResult, open_connection: Callable):
@@ -167,9 +193,44 @@ def connect(result: RunResult, open_connection: Callable):
         result.offered_host_key = exc.offered
         result.fail(exc)
     except (*SERVER_ERRORS, *CONNECTION_ERRORS) as exc:
-        log.error("Could not connect to CDS FTP server.")
+        log.error("Could not connect to CDS FTP server: %s", in_words(exc))
         result.fail(exc)
     return None
+
+
+def in_words(exc: BaseException) -> str:
+    """Why a run failed, in one sentence for staff, with the server's own answer."""
+    text = str(exc).strip()
+    if isinstance(exc, SpoolError):
+        return f"The local spool could not be written: {text}."
+    if isinstance(exc, LockRefused):
+        return f"The server refused our lock file: {text}"
+    if isinstance(exc, UnlistableFolder):
+        return (
+            "The exchange folder cannot be listed, so its files cannot be found (the server "
+            f"said: {text})."
+        )
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"The server's TLS certificate did not verify ({text}); no password was sent."
+    if isinstance(exc, HostKeyError):
+        return text
+    if isinstance(exc, SERVER_ERRORS):
+        if text.startswith("530"):
+            return f"The server refused the login: {text}"
+        if text.startswith("4"):
+            return f"The server cannot do it for now: {text}"
+        return f"The server refused: {text}" if text[:1].isdigit() else text
+    if isinstance(exc, TimeoutError):
+        return f"The server did not answer in time ({text or 'timed out'})."
+    if isinstance(exc, ConnectionRefusedError):
+        return "The server refused the connection: nothing answers at that host and port."
+    if isinstance(exc, socket.gaierror):
+        return f"The server's name could not be looked up ({text})."
+    if isinstance(exc, EOFError | ConnectionResetError | BrokenPipeError):
+        return "The server closed the connection unexpectedly."
+    if isinstance(exc, OSError):
+        return f"The connection failed: {text or type(exc).__name__}."
+    return f"{type(exc).__name__}: {text}"
 
 
 def connect_in(path: str, open_connection: Callable) -> Callable:
@@ -212,7 +273,11 @@ def lock_in_the_way(
     """The name of a lock that keeps us from taking the lock `own`, after removing a stale
     one of our own. The other direction's lock is always respected."""
     other = WRITE_LOCK if own == READ_LOCK else READ_LOCK
-    names = {entry.raw for entry in transport.list(with_links=False)}
+    try:
+        names = {entry.raw for entry in transport.list(with_links=False)}
+    except UnlistableFolder as exc:
+        log.info("The folder cannot be listed (%s); the lock files are asked for by name.", exc)
+        names = {lock.encode() for lock in (own, other) if transport.exists(lock.encode())}
     if other.encode() in names:
         return other
     record = store.lock_record(own)
@@ -253,44 +318,84 @@ def stale_record(record: dict, lease: float, claimed: bool) -> str | None:
     return None
 
 
-def create_lock(transport, store: FileStore, lock: str, server: str, run_label: str, token: str):
+class LockRefused(PermanentError):
+    """The server refused our lock file: no lock of ours is there."""
+
+
+def create_lock(
+    transport, store: FileStore, lock: str, server: str, run_label: str, token: str
+) -> None:
     """Take the lock `lock` on the server, recorded in the spool first: a run killed between
-    the two leaves a record of a lock that may be there, never a lock nobody knows is ours."""
+    the two leaves a record of a lock that may be there, never a lock nobody knows is ours.
+    Raises LockRefused when the server refused it (then neither lock nor record is there),
+    or a broken connection's error (then it may be there)."""
     log.info("Creating lock file: %s", lock)
     with spool_errors():
         store.write_lock_record(lock, lock_record(server, run_label, token))
     ACTIVE_LOCKS.add(token)
-    transport.store(lock.encode(), BytesIO(lock_text(lock, run_label)))
+    try:
+        transport.store(lock.encode(), BytesIO(lock_text(lock, run_label)))
+    except SERVER_ERRORS as exc:
+        log.error("The server refused to create the lock file %s: %s", lock, exc)
+        with spool_errors():
+            store.remove_lock_record(lock)
+        raise LockRefused(exc) from exc
     log.info("Lock file successfully created: %s", lock)
 
 
-def remove_lock(transport, reconnect: Callable, store: FileStore, lock: str) -> None:
-    """Remove our lock `lock`; on a new connection when `transport` is None or broken."""
+def remove_lock(transport, reconnect: Callable, store: FileStore, lock: str) -> str | None:
+    """Remove our lock `lock`, on a new connection when `transport` is None or broken.
+    Returns None once the server confirmed it, else why the lock may stay on the server
+    (the spool's record of it stays too, so that the next run knows it is ours)."""
     log.info("Removing lock file: %s", lock)
+    left = None
     try:
         if transport is None:
             raise ConnectionError("no usable connection")
         transport.delete(lock.encode())
-    except (*SERVER_ERRORS, *CONNECTION_ERRORS):
-        if transport is not None:
-            transport.close()
-        try:
-            transport = None
-            transport = reconnect()
-            # The broken connection may have removed it.
-            if lock.encode() in {entry.raw for entry in transport.list(with_links=False)}:
-                transport.delete(lock.encode())
-        except (*SERVER_ERRORS, *CONNECTION_ERRORS):
-            if transport is not None:
-                transport.close()
-            log.exception("Could not remove lock file: %s", lock)
-            return  # the record stays, so that the next run knows the lock is ours
+    except SERVER_ERRORS as exc:
+        left = f"the server refused to remove it: {exc}"
+    except CONNECTION_ERRORS:
+        transport = _close(transport)
+        left = _remove_anew(reconnect, lock)
+    _close(transport)
+    if left:
+        log.error("Could not remove lock file %s: %s", lock, left)
+        return left
     try:
         store.remove_lock_record(lock)
     except OSError:
         log.exception("Could not remove the lock record in the spool.")
     log.info("Lock file successfully removed: %s", lock)
-    transport.close()
+    return None
+
+
+def _remove_anew(reconnect: Callable, lock: str) -> str | None:
+    """Remove `lock` on a new connection, after a broken one may or may not have removed
+    it; None once the server confirmed that it is gone, else why it may stay."""
+    transport = None
+    try:
+        transport = reconnect()
+        try:
+            transport.delete(lock.encode())
+        except SERVER_ERRORS as exc:
+            # Refused, or removed already by the broken connection: only a listing tells.
+            try:
+                listed = {entry.raw for entry in transport.list(with_links=False)}
+            except UnlistableFolder:
+                return f"the server refused to remove it ({exc}) and cannot list the folder"
+            if lock.encode() in listed:
+                return f"the server refused to remove it: {exc}"
+        return None
+    except (*SERVER_ERRORS, *CONNECTION_ERRORS) as exc:
+        return f"no new connection removed it: {type(exc).__name__}: {exc}"
+    finally:
+        _close(transport)
+
+
+def _close(transport) -> None:
+    if transport is not None:
+        transport.close()
 
 
 def name_problem(name: str) -> str | None:

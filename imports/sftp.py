@@ -22,7 +22,14 @@ from typing import BinaryIO
 import paramiko
 from paramiko.sftp import CMD_CLOSE, CMD_HANDLE, CMD_NAME, CMD_OPENDIR, CMD_READDIR
 
-from .transports import CHUNK_SIZE, HostKeyError, PermanentError, RemoteEntry, Sink
+from .transports import (
+    CHUNK_SIZE,
+    HostKeyError,
+    PermanentError,
+    RemoteEntry,
+    Sink,
+    UnlistableFolder,
+)
 
 # Host key algorithms to negotiate for a pinned key of each type: the server must show the
 # pinned key, not another of its keys.
@@ -143,10 +150,14 @@ class SftpTransport:
     def list(self, with_links: bool = True) -> list[RemoteEntry]:
         """The entries of the directory, as the server describes them (without following
         links). `with_links` is there for the FTP transport's sake."""
+        try:
+            with _sftp_errors():
+                kind, message = self.sftp._request(CMD_OPENDIR, self.dir)
+        except PermanentError as exc:
+            raise UnlistableFolder(f"The server did not open the folder: {exc}") from exc
         with _sftp_errors():
-            kind, message = self.sftp._request(CMD_OPENDIR, self.dir)
             if kind != CMD_HANDLE:
-                raise PermanentError("The server did not open the directory.")
+                raise UnlistableFolder("The server did not open the folder.")
             handle = message.get_binary()
             entries = []
             try:
@@ -169,6 +180,14 @@ class SftpTransport:
     def size(self, raw: bytes) -> int | None:
         with _sftp_errors():
             return self.sftp.stat(self.path(raw)).st_size
+
+    def exists(self, raw: bytes) -> bool:
+        """Whether an entry named `raw` is there, asked by name."""
+        try:
+            self.size(raw)
+        except PermanentError:
+            return False
+        return True
 
     def retrieve(self, raw: bytes, sink: Sink) -> None:
         with _sftp_errors(), self.sftp.open(self.path(raw), "rb") as remote:

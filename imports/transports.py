@@ -37,6 +37,11 @@ class TemporaryError(Exception):
     """A temporary (4xx) reply of the server."""
 
 
+class UnlistableFolder(PermanentError):
+    """The server does not list the folder, however it says so: many drop boxes let an
+    account write into a folder and enter it, but not read it."""
+
+
 SERVER_ERRORS = (PermanentError, TemporaryError, ftplib.Error)
 
 
@@ -209,7 +214,9 @@ class FtpTransport:
 
     def _lines(self, command: str) -> Lines:
         """The lines a listing command sends. The session stays in binary mode (TYPE I is
-        set once), which saves a TYPE command per transfer; lines end in CRLF either way."""
+        set once), which saves a TYPE command per transfer; lines end in CRLF either way.
+        Raises UnlistableFolder when the server could not read the folder: vsftpd then
+        answers "226 Transfer done (but failed to open directory)" with an empty listing."""
         sink = BytesIO()
 
         def receive(read_into: ReadInto) -> None:
@@ -217,20 +224,37 @@ class FtpTransport:
             while received := read_into(buffer):
                 sink.write(buffer[:received])
 
-        self._transfer(command, receive)
+        try:
+            reply = self._transfer(command, receive)
+        except PermanentError as exc:
+            if str(exc).startswith("550"):
+                raise UnlistableFolder(str(exc)) from exc
+            raise
+        if "failed to open directory" in reply.lower():
+            raise UnlistableFolder(reply)
         return sink.getvalue().splitlines()
 
-    def _transfer(self, command: str, receive: Callable[[ReadInto], None]) -> None:
+    def _transfer(self, command: str, receive: Callable[[ReadInto], None]) -> str:
+        """Carry out the transfer `command`; return the server's final reply."""
         with _server_errors():
             with self.ftp.transfercmd(command) as connection:
                 receive(connection.recv_into)
                 if isinstance(connection, ssl.SSLSocket):
                     connection.unwrap()
-            self.ftp.voidresp()
+            return self.ftp.voidresp()
 
     def size(self, raw: bytes) -> int | None:
         with _server_errors():
             return self.ftp.size(raw.decode(WIRE))
+
+    def exists(self, raw: bytes) -> bool:
+        """Whether a file named `raw` is there, asked by name (SIZE), which works in folders
+        that cannot be listed."""
+        try:
+            self.size(raw)
+        except PermanentError:
+            return False
+        return True
 
     def retrieve(self, raw: bytes, sink: Sink) -> None:
         """Hand the file `raw` to `sink` (see Sink)."""

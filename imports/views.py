@@ -13,6 +13,7 @@ from django.views.decorators.http import require_POST
 
 from datacenter.paging import paginate
 
+from .charts import CHART_DAYS, daily_bars
 from .forms import OutgoingFileForm
 from .models import CdsSource, ImportRun
 from .runs import enqueue_import, interrupt_dead_runs
@@ -26,9 +27,6 @@ SPOOL_FOLDERS = {
     "out-cur": ("outgoing_store", "cur"),
 }
 
-CHART_DAYS = 30
-CHART_HEIGHT = 100  # SVG units; each day is 10 wide
-
 
 def imports_permission(codename: str):
     return permission_required(f"imports.{codename}", raise_exception=True)
@@ -41,32 +39,18 @@ def waiting_files(source: CdsSource) -> int | None:
         return None
 
 
-def files_per_day(days: int = CHART_DAYS) -> list[dict]:
-    """Files imported per day over the last `days` days, oldest first, for the chart."""
+def files_per_day(direction: str, days: int = CHART_DAYS) -> list[dict]:
+    """The bars of the files moved in `direction` per day over the last `days` days."""
     today = timezone.localdate()
-    first = today - timedelta(days=days - 1)
     counts = dict(
-        ImportRun.objects.filter(finished__date__gte=first)
+        ImportRun.objects.filter(
+            direction=direction, finished__date__gte=today - timedelta(days=days - 1)
+        )
         .annotate(day=TruncDate("finished"))
         .values_list("day")
         .annotate(Sum("files"))
     )
-    top = max(counts.values(), default=0) or 1
-    chart = []
-    for offset in range(days):
-        day = first + timedelta(days=offset)
-        files = counts.get(day, 0)
-        height = CHART_HEIGHT * files / top
-        chart.append(
-            {
-                "day": day,
-                "files": files,
-                "x": offset * 10 + 1,
-                "y": CHART_HEIGHT - height,
-                "height": height,
-            }
-        )
-    return chart
+    return daily_bars(counts, today, days)
 
 
 @imports_permission("view_importrun")
@@ -81,8 +65,15 @@ def overview(request):
         }
         for source in CdsSource.objects.all()
     ]
-    chart = files_per_day()
-    context = {"sources": sources, "chart": chart, "chart_total": sum(d["files"] for d in chart)}
+    directions = [(ImportRun.IMPORT, "Files imported per day")]
+    if any(item["source"].export_dir for item in sources):
+        directions.append((ImportRun.EXPORT, "Files exported per day"))
+    charts = []
+    for direction, title in directions:
+        bars = files_per_day(direction)
+        total = sum(bar["files"] for bar in bars)
+        charts.append({"direction": direction, "title": title, "bars": bars, "total": total})
+    context = {"sources": sources, "charts": charts}
     return render(request, "imports/overview.html", context)
 
 

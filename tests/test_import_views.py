@@ -4,6 +4,7 @@ import pytest
 from django.contrib.auth.models import Permission
 from django.core.management import call_command
 from django.urls import reverse
+from django.utils import timezone
 
 from imports.models import CdsSource, ImportRun
 from imports.runs import run_import
@@ -82,10 +83,11 @@ def test_overview_shows_sources_last_run_waiting_files_and_chart(
 
     [item] = response.context["sources"]
     assert (item["source"], item["last_run"], item["waiting"]) == (source, run, 2)
-    chart = response.context["chart"]
-    assert len(chart) == 30
-    assert chart[-1]["files"] == 1 and chart[-1]["height"] == 100
-    assert response.context["chart_total"] == 1
+    [chart] = response.context["charts"]  # no source exports: no chart of exports
+    assert chart["title"] == "Files imported per day"
+    assert len(chart["bars"]) == 30
+    assert chart["bars"][-1]["files"] == 1 and chart["bars"][-1]["height"] == 100
+    assert chart["total"] == 1
     assert b"Run now" in response.content
 
 
@@ -225,3 +227,44 @@ def test_an_interrupted_run_is_shown_as_such_on_every_page(operator_client, admi
     assert '<td class="field-status">interrupted</td>' in admin
     assert 'http-equiv="refresh"' not in run_page
     assert "died." in run_page
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_run_says_why_in_one_sentence_and_its_task_fails_too(
+    operator_client, admin_client, source, django_capture_on_commit_callbacks
+):
+    from django_tasks_db.models import DBTaskResult
+
+    CdsSource.objects.filter(pk=source.pk).update(password="wrong")
+    with django_capture_on_commit_callbacks(execute=True):
+        operator_client.post(reverse("imports:run_now", kwargs={"name": "partner"}))
+    call_command("db_worker", "--batch", "--no-startup-delay", "--no-reload")
+
+    run = ImportRun.objects.get()
+    staff = operator_client.get(run.get_absolute_url()).content.decode()
+    admin = admin_client.get(run.get_absolute_url()).content.decode()
+
+    assert run.status == ImportRun.FAILED
+    assert run.error == "The server refused the login: 530 Authentication failed."
+    assert run.error in staff
+    assert "Traceback" not in staff and "Technical details" not in staff
+    assert "Technical details" in admin and "Traceback" in admin
+    assert 'id="run-progress"' not in staff  # nothing was listed: no bar of "0 of 0 files"
+    assert DBTaskResult.objects.get().status == "FAILED"
+
+
+def test_imports_and_exports_are_charted_apart(operator_client, source):
+    CdsSource.objects.filter(pk=source.pk).update(export_dir="/inbox")
+    now = timezone.now()
+    ImportRun.objects.create(
+        source=source, trigger="cron", status="success", files=1, finished=now
+    )
+    ImportRun.objects.create(
+        source=source, trigger="cron", status="success", files=3, finished=now, direction="export"
+    )
+
+    response = operator_client.get(reverse("imports:overview"))
+
+    imported, exported = response.context["charts"]
+    assert (imported["title"], imported["total"]) == ("Files imported per day", 1)
+    assert (exported["title"], exported["total"]) == ("Files exported per day", 3)

@@ -14,6 +14,7 @@ run's thread writes what they report in one transaction about twice a second (Ru
 which keeps the database from costing more than the transfers.
 """
 
+import contextlib
 import contextvars
 import logging
 import os
@@ -25,9 +26,10 @@ from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.db import connections, router, transaction
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 
+from datacenter.files import sha256_of
 from datacenter.processes import HOST, died_on_this_host, fail_running_task
 
 from . import alerts, cds
@@ -230,8 +232,65 @@ def mark_interrupted(run: ImportRun) -> bool:
     if not marked:
         return False
     ImportLogEntry.objects.create(run=run, time=now, level="ERROR", message=reason)
+    recorded = record_lost_deliveries(run)
+    if recorded:
+        message = (
+            f"{recorded} file(s) it had delivered were not yet recorded; they are recorded "
+            "now, as delivered by this run."
+        )
+        ImportLogEntry.objects.create(run=run, time=now, level="WARNING", message=message)
     fail_running_task(run.task_id, RunInterrupted, reason)
     return True
+
+
+def record_lost_deliveries(run: ImportRun) -> int:
+    """Record the files that `run`, whose process died, delivered without living to record
+    them (its records are written about twice a second): the files that came into the
+    spool's delivered folders (new/ and cur/ of an import, out/cur/ of an export) since the
+    run started and that no run of the source recorded. Returns how many there were."""
+    source = run.source
+    if run.direction == ImportRun.IMPORT:
+        store, folders = source.store, ("new", "cur")
+    else:
+        store, folders = source.outgoing_store, ("cur",)
+    # A rename into the folder sets the file's change time; a little slack for clocks.
+    since = (run.started or run.queued).timestamp() - 60
+    arrived = {}
+    for folder in folders:
+        with contextlib.suppress(FileNotFoundError), os.scandir(store.folder(folder)) as scan:
+            for entry in scan:
+                if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
+                    continue
+                stat = entry.stat(follow_symlinks=False)
+                if stat.st_ctime >= since:
+                    arrived[entry.name] = (entry.path, stat.st_size)
+    recorded = set(
+        ImportedFile.objects.filter(
+            run__source=source,
+            run__direction=run.direction,
+            outcome="delivered",
+            local_name__in=list(arrived),
+        ).values_list("local_name", flat=True)
+    )
+    rows = [
+        (run.pk, name, size, _sha256(path), name, "delivered", "recorded after its process died")
+        for name, (path, size) in sorted(arrived.items())
+        if name not in recorded
+    ]
+    with transaction.atomic():
+        insert_rows(ImportedFile, RunRecorder.FILE_COLUMNS, rows)
+        ImportRun.objects.filter(pk=run.pk).update(
+            files=F("files") + len(rows), bytes=F("bytes") + sum(row[2] for row in rows)
+        )
+    return len(rows)
+
+
+def _sha256(path: str) -> str:
+    try:
+        with open(path, "rb") as handle:
+            return sha256_of(handle.fileno())
+    except OSError:  # taken away meanwhile: the record says so by its empty hash
+        return ""
 
 
 def interrupt_dead_runs() -> int:

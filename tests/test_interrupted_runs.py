@@ -1,6 +1,7 @@
 """Runs whose process is killed: taken over at once on the same host, marked interrupted,
 with their audit, and nothing lost or doubled. Real processes, killed with SIGKILL."""
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -103,3 +104,32 @@ def test_a_killed_worker_leaves_no_run_or_task_running(slow_server, slow_source,
     assert run_import(slow_source, trigger="cron").status == "success"
     assert spooled(spool) == PAYLOADS
     assert slow_server.names() == []
+
+
+def test_deliveries_a_killed_run_had_not_yet_recorded_are_recorded_once(
+    slow_server, slow_source, spool
+):
+    importer = subprocess.Popen(
+        [sys.executable, "manage.py", "cds_import", "partner"],
+        cwd=ROOT,
+        env=process_env(),
+        stdout=subprocess.DEVNULL,
+    )
+    # Killed as soon as the small files are in new/: before the run wrote their records.
+    new = Path(spool) / "new"
+    kill_when(importer, lambda: new.is_dir() and {"a.xml", "b.xml"} <= set(os.listdir(new)))
+    slow_server.dtp.write_limit = 0
+
+    call_command("cds_import", "partner")
+
+    delivered = ImportedFile.objects.filter(outcome="delivered")
+    assert sorted(delivered.values_list("local_name", flat=True)) == ["a.xml", "b.xml", "c.bin"]
+    killed = ImportRun.objects.get(status="interrupted")
+    assert sorted(killed.file_records.values_list("local_name", flat=True)) == ["a.xml", "b.xml"]
+    assert (killed.files, killed.bytes) == (2, 9)
+    assert dict(killed.file_records.values_list("local_name", "sha256")) == {
+        name: hashlib.sha256(PAYLOADS[name]).hexdigest() for name in ("a.xml", "b.xml")
+    }
+    rerun = ImportRun.objects.exclude(pk=killed.pk).get()
+    assert list(rerun.file_records.values_list("local_name", flat=True)) == ["c.bin"]
+    assert spooled(spool) == PAYLOADS

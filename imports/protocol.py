@@ -125,15 +125,22 @@ def run_under_lock(
     `reconnect()` opens another connection in `path`. When the lock cannot be taken the run
     ends `locked`. `failed_files` ends the error of a run in which files failed.
     """
+    # The seed's words name an FTP server; an SFTP run says what it talks to.
+    kind = "SFTP" if protocol == "sftp" else "FTP"
     log.info(
-        "Connecting to CDS FTP server (host %s, port %s, user %s, dir %s)", host, port, user, path
+        "Connecting to CDS %s server (host %s, port %s, user %s, dir %s)",
+        kind,
+        host,
+        port,
+        user,
+        path,
     )
     server = f"{protocol}://{user}@{host}:{port}/{path.lstrip('/')}"
     open_connection = functools.partial(
         open_transport, protocol, host, port, user, password, **transport_options
     )
     reconnect = connect_in(path, open_connection)
-    transport = connect(result, open_connection)
+    transport = connect(result, open_connection, kind)
     if transport is None:
         return result
 
@@ -143,7 +150,7 @@ def run_under_lock(
         transport.cwd(path)
         lock = lock_in_the_way(transport, store, server, lock_lease, claimed, own)
         if lock:
-            log.info("Cannot access CDS FTP server as '%s' lockfile exists.", lock)
+            log.info("Cannot access CDS %s server as '%s' lockfile exists.", kind, lock)
             transport.close()
             log.warning("Exiting.")
             result.status = LOCKED
@@ -159,26 +166,26 @@ def run_under_lock(
         if isinstance(exc, SpoolError):
             log.error("Could not write to the spool: %s", exc)
         else:
-            log.error("Error accessing FTP server.")
+            log.error("Error accessing %s server.", kind)
         transport.close()
         left = None
         if locked:
             # A transfer may have been cut off half-way: the old connection cannot be trusted
             # to answer the next command, so the lock goes on a new one.
             left = remove_lock(None, reconnect, store, own)
-            log.info("Disconnected from CDS FTP server")
+            log.info("Disconnected from CDS %s server", kind)
         result.fail(exc)
         return result.lock_left(own, left) if left else result
     finally:
         ACTIVE_LOCKS.discard(token)
 
     left = remove_lock(transport, reconnect, store, own)
-    log.info("Disconnected from CDS FTP server")
+    log.info("Disconnected from CDS %s server", kind)
     result.finish(failed_files)
     return result.lock_left(own, left) if left else result
 
 
-def connect(result: RunResult, open_connection: Callable):
+def connect(result: RunResult, open_connection: Callable, kind: str = "FTP"):
     """`open_connection()`, or None with the reason logged and `result` failed."""
     try:
         return open_connection()
@@ -193,7 +200,7 @@ def connect(result: RunResult, open_connection: Callable):
         result.offered_host_key = exc.offered
         result.fail(exc)
     except (*SERVER_ERRORS, *CONNECTION_ERRORS) as exc:
-        log.error("Could not connect to CDS FTP server: %s", in_words(exc))
+        log.error("Could not connect to CDS %s server: %s", kind, in_words(exc))
         result.fail(exc)
     return None
 

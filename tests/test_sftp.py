@@ -38,13 +38,14 @@ def test_import_with_a_key_names_as_bytes_and_skipped_entries(start_sshd, spool,
         "link.xml": "a symbolic link",
     }
     log = messages(cds_log)
+    assert any(line.startswith("Connecting to CDS SFTP server (host ") for line in log)
     assert log[log.index("Creating lock file: read") :][:2] == [
         "Creating lock file: read",
         "Lock file successfully created: read",
     ]
     assert log[-3:] == [
         "Lock file successfully removed: read",
-        "Disconnected from CDS FTP server",
+        "Disconnected from CDS SFTP server",
         "Exiting with success.",
     ]
 
@@ -90,7 +91,7 @@ def test_partner_write_lock_is_respected(start_sshd, spool, cds_log):
 
     assert result.status == cds.LOCKED
     assert messages(cds_log)[-2:] == [
-        "Cannot access CDS FTP server as 'write' lockfile exists.",
+        "Cannot access CDS SFTP server as 'write' lockfile exists.",
         "Exiting.",
     ]
     assert server.names() == [b"a.xml", b"write"]
@@ -217,7 +218,7 @@ def test_export_waits_for_the_partners_lock(start_sshd, tmp_path, cds_log):
     result = export_(**server.options(store))
 
     assert result.status == cds.LOCKED
-    assert "Cannot access CDS FTP server as 'read' lockfile exists." in messages(cds_log)
+    assert "Cannot access CDS SFTP server as 'read' lockfile exists." in messages(cds_log)
     assert server.names() == [b"read"]
     assert spooled(store, "new") == {"a.xml": b"a"}
 

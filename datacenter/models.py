@@ -23,14 +23,16 @@ class StorageLocation(models.Model):
     )
 
     class Meta:
+        # Shown in the admin as "Data center | files and storage | Can …".
+        verbose_name = verbose_name_plural = "files and storage"
         default_permissions = ()
         permissions = [
-            ("view_files", "Can view and download data center files and logs"),
-            ("upload_files", "Can upload CSV files to the data center"),
-            ("delete_files", "Can delete pending data center files"),
-            ("process_files", "Can process pending data center files"),
-            ("relocate_storage", "Can relocate the data center storage"),
-            ("export_records", "Can export records and download the exports"),
+            ("view_files", "Can view and download files, jobs and logs"),
+            ("upload_files", "Can upload files and fix pending files"),
+            ("delete_files", "Can delete pending files"),
+            ("process_files", "Can process pending files"),
+            ("relocate_storage", "Can relocate the storage"),
+            ("export_records", "Can export records and download own exports"),
         ]
 
     def __str__(self):

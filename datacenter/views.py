@@ -3,6 +3,7 @@ from functools import wraps
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_not_required, permission_required
+from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.http import FileResponse, Http404, JsonResponse
 from django.shortcuts import redirect, render
@@ -27,6 +28,49 @@ def datacenter_permission(codename: str):
     return permission_required(f"datacenter.{codename}", raise_exception=True)
 
 
+def allowed_if(test):
+    """A view for the users that pass `test`; a 403 page for the others."""
+
+    def decorator(view):
+        @wraps(view)
+        def wrapper(request, *args, **kwargs):
+            if not test(request.user):
+                raise PermissionDenied
+            return view(request, *args, **kwargs)
+
+        return wrapper
+
+    return decorator
+
+
+#: Whoever works on pending files sees them listed: to upload, fix, process or delete one
+#: you must know which there are.
+PENDING_WORK = ("view_files", "upload_files", "process_files", "delete_files")
+
+
+def works_on_pending_files(user) -> bool:
+    return any(user.has_perm(f"datacenter.{codename}") for codename in PENDING_WORK)
+
+
+#: Where a person lands after logging in: the first of these pages they may use.
+START_PAGES = [
+    (works_on_pending_files, "datacenter:pending"),
+    (lambda user: user.has_perm("datacenter.export_records"), "datacenter:exports"),
+    (lambda user: user.has_perm("datacenter.relocate_storage"), "datacenter:storage"),
+    (lambda user: user.has_perm("imports.view_importrun"), "imports:overview"),
+    (lambda user: user.is_staff, "admin:index"),
+]
+
+
+@require_safe
+def home(request):
+    """The first page the person may use, or a page that says what to ask for."""
+    for allowed, page in START_PAGES:
+        if allowed(request.user):
+            return redirect(page)
+    return render(request, "home.html")
+
+
 def file_or_404(view):
     """Turn a missing or unsafe file name into a 404."""
 
@@ -40,7 +84,7 @@ def file_or_404(view):
     return wrapper
 
 
-@datacenter_permission("view_files")
+@allowed_if(works_on_pending_files)
 def pending(request):
     sort = request.GET.get("sort")
     if sort not in {"name", "date"}:
@@ -90,7 +134,7 @@ def _logged_download(request, name: str, folder: str) -> FileResponse:
     return FileResponse(open(file.path, "rb"), as_attachment=True, filename=file.name)
 
 
-@datacenter_permission("view_files")
+@allowed_if(works_on_pending_files)
 @file_or_404
 def preview(request, name):
     file = current_datacenter().get_file(name)
@@ -151,13 +195,15 @@ def job_list(request):
     return render(request, "datacenter/jobs.html", {"page": page})
 
 
-@datacenter_permission("view_files")
 def job(request, pk):
+    """A job's page: for those who may view files, and for the person who started it."""
     jobs.recover_jobs()
     try:
         job = Job.objects.select_related("user").get(pk=pk)
     except Job.DoesNotExist:
         raise Http404("No such job.") from None
+    if job.user_id != request.user.pk and not request.user.has_perm("datacenter.view_files"):
+        raise PermissionDenied
     context = {"job": job, "done": jobs.live_progress(job)}
     if job.in_progress:
         context["worker"] = health.worker_status()

@@ -115,10 +115,12 @@ def runs(request):
     return render(request, "imports/runs.html", context)
 
 
-@imports_permission("view_importrun")
 def run(request, pk):
+    """A run's page: for those who may view runs, and for the person who started it."""
     interrupt_dead_runs()
     run = get_object_or_404(ImportRun.objects.select_related("source", "user"), pk=pk)
+    if run.user_id != request.user.pk and not request.user.has_perm("imports.view_importrun"):
+        raise PermissionDenied
     context = {
         "run": run,
         "entries": run.log_entries.all(),

@@ -286,7 +286,7 @@ def managers(django_user_model):
     one who left."""
     from django.contrib.auth.models import Group
 
-    group = Group.objects.create(name="Import managers")
+    group, _ = Group.objects.get_or_create(name="Import managers")
     for username, email, active in [
         ("mia", "mia@example.org", True),
         ("max", "max@example.org", True),

@@ -74,11 +74,16 @@ def test_viewers_may_only_look(client, viewer, files, url_name, kwargs):
 
 def test_the_login_page_works(client, clerk):
     response = client.post(
-        reverse("login"), {"username": "clerk", "password": "correct horse battery staple"}
+        reverse("login"),
+        {"username": "clerk", "password": "correct horse battery staple"},
+        follow=True,
     )
 
-    assert response.status_code == 302
-    assert response["Location"] == reverse("datacenter:pending")
+    assert response.redirect_chain == [
+        (reverse("home"), 302),
+        (reverse("datacenter:pending"), 302),
+    ]
+    assert response.status_code == 200
 
 
 def test_pending_page_lists_files_with_rows_and_uploader(clerk_client, clerk, files):

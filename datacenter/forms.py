@@ -63,12 +63,17 @@ class RelocateForm(forms.Form):
 
 class LogSearchForm(forms.Form):
     q = forms.CharField(
-        label="Regular expression",
+        label="Search",
         required=False,
         max_length=500,
-        help_text="Lines matching this expression are shown, oldest first; "
-        "leave empty for all lines.",
+        help_text="A regular expression (RE2); leave empty for all lines.",
     )
+    order = forms.ChoiceField(
+        label="Order",
+        choices=[("newest", "Newest first"), ("oldest", "Oldest first")],
+        required=False,
+    )
+    match_case = forms.BooleanField(label="Match case", required=False)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -199,14 +199,22 @@ class DataCenter:
         return [DataCenterFile(os.path.join(folder, name), "logs") for name in sorted(names)]
 
     def query_log(
-        self, basename: str, query: str, limit: int = 0, start: int = 0
+        self,
+        basename: str,
+        query: str,
+        limit: int = 0,
+        start: int = 0,
+        *,
+        newest_first: bool = False,
+        ignore_case: bool = False,
     ) -> Iterator[str]:
         """The lines of log `basename` and its backups that match the regular expression
-        `query`, oldest first; skip the first `start` matches, return at most `limit` (0: all).
+        `query`, oldest first (or the newest first); skip the first `start` matches, return
+        at most `limit` (0: all).
 
         Raises ValueError at once for an invalid expression or log name.
         """
-        pattern = compile_search(query)
+        pattern = compile_search(query, ignore_case)
         try:
             check_file_name(basename)
             folder = self.real_folder("logs")
@@ -214,7 +222,8 @@ class DataCenter:
             raise ValueError(f"Invalid log file name: {basename!r}") from None
         if not basename.endswith(LOG_SUFFIX):
             raise ValueError(f"Invalid log file name: {basename!r}")
-        return matching_lines(folder, log_and_backups(folder, basename), pattern, limit, start)
+        names = log_and_backups(folder, basename)
+        return matching_lines(folder, names, pattern, limit, start, newest_first)
 
     # Relocating the storage
 

@@ -1,3 +1,5 @@
+import functools
+from collections.abc import Sequence
 from functools import wraps
 
 from django.conf import settings
@@ -339,26 +341,38 @@ def log_search(request, name):
     if name not in {file.name for file in datacenter.log_files()}:
         raise Http404("No such log file.")
     form = LogSearchForm(request.GET or None)
-    query = form.cleaned_data["q"] if form.is_valid() else ""
-    page = request.GET.get("page", "")
-    page_number = int(page) if page.isdigit() and int(page) > 0 else 1
-    page_size = settings.DATACENTER_PAGE_SIZE * 4
-    lines = []
+    search = form.cleaned_data if form.is_valid() else {}
+    options = {
+        "newest_first": search.get("order") != "oldest",
+        "ignore_case": not search.get("match_case"),
+    }
+    page = None
     try:
-        found = datacenter.query_log(
-            name, query, limit=page_size + 1, start=(page_number - 1) * page_size
+        lines = LogLines(datacenter, name, search.get("q", ""), **options)
+        page = Paginator(lines, settings.DATACENTER_PAGE_SIZE * 4).get_page(
+            request.GET.get("page")
         )
-        lines = [line.rstrip("\n") for line in found]
     except ValueError as exc:
         form.add_error("q", str(exc))
-    context = {
-        "name": name,
-        "form": form,
-        "lines": lines[:page_size],
-        "page_number": page_number,
-        "has_next": len(lines) > page_size,
-    }
+    context = {"name": name, "form": form, "page": page, **options}
     return render(request, "datacenter/log_search.html", context)
+
+
+class LogLines(Sequence):
+    """The matching lines of a log as a sequence for the pager: counted once, and read a
+    page at a time."""
+
+    def __init__(self, datacenter, name: str, query: str, **options):
+        self.search = functools.partial(datacenter.query_log, name, query, **options)
+        self.count = sum(1 for _ in self.search())
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, item):
+        start, stop, _ = item.indices(self.count)
+        lines = self.search(limit=stop - start, start=start) if stop > start else []
+        return [line.rstrip("\n") for line in lines]
 
 
 @datacenter_permission("relocate_storage")

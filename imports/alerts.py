@@ -15,7 +15,7 @@ import logging
 from datetime import datetime, timedelta
 
 from django.urls import reverse
-from django.utils import timezone
+from django.utils import formats, timezone
 
 from datacenter import emails
 
@@ -61,11 +61,11 @@ def _problem(source: CdsSource, runs, now: datetime) -> str | None:
         if last_success:
             return (
                 f"No run succeeded for more than {source.alert_after_hours} hours; the last "
-                f"successful run ended {_time(last_success)}."
+                f"successful run ended {moment_text(last_success)}."
             )
         return (
             f"No run succeeded in the {source.alert_after_hours} hours since the source was "
-            f"added ({_time(source.created)})."
+            f"added ({moment_text(source.created)})."
         )
     return None
 
@@ -108,11 +108,11 @@ def _send_alert(source: CdsSource) -> bool:
     lines = [
         f"The CDS {direction} of {source.name} needs attention: {source.alert_reason}",
         "",
-        f"Bad since: {_time(source.alert_since)}",
+        f"Bad since: {moment_text(source.alert_since)}",
         f"Server: {source.host}:{source.port}{source.remote_dir} ({source.protocol})",
     ]
     if last:
-        ended = _time(last.finished) if last.finished else "not yet"
+        ended = moment_text(last.finished) if last.finished else "not yet"
         lines.append(f"Last run: #{last.pk}, {last.get_status_display()}, ended {ended}")
         if last.error:
             lines.append(f"Its error: {last.error}")
@@ -130,7 +130,7 @@ def _send_recovery(source: CdsSource, bad_since: datetime | None, now: datetime)
     lines = [f"The CDS import of {source.name} works again."]
     if bad_since:
         lines.append(
-            f"It had needed attention since {_time(bad_since)} ({_span(now - bad_since)})."
+            f"It had needed attention since {moment_text(bad_since)} ({_span(now - bad_since)})."
         )
     last = source.last_run()
     if last:
@@ -140,8 +140,9 @@ def _send_recovery(source: CdsSource, bad_since: datetime | None, now: datetime)
     )
 
 
-def _time(moment: datetime) -> str:
-    return timezone.localtime(moment).strftime("%Y-%m-%d %H:%M %Z")
+def moment_text(moment: datetime) -> str:
+    """`moment` as every page writes it (DATETIME_FORMAT), in the site's time zone."""
+    return formats.date_format(timezone.localtime(moment), "DATETIME_FORMAT")
 
 
 def _span(duration: timedelta) -> str:

@@ -246,8 +246,28 @@ def test_query_log_start_and_limit_page_through_matches(rotated_logs):
     assert list(rotated_logs.query_log("app.log", "Message", start=6, limit=3)) == everything[6:]
 
 
+def test_query_log_reads_newest_first_across_backups_on_request(rotated_logs):
+    oldest_first = list(rotated_logs.query_log("app.log", "Message"))
+
+    newest_first = list(rotated_logs.query_log("app.log", "Message", newest_first=True))
+
+    assert newest_first == oldest_first[::-1]
+    assert (
+        list(rotated_logs.query_log("app.log", "Message", newest_first=True, start=2, limit=3))
+        == (oldest_first[::-1][2:5])
+    )
+
+
+def test_query_log_reads_backwards_across_chunks(datacenter):
+    lines = [f"line {number:06d} {'x' * 50}\n" for number in range(5000)]  # about 300 KB
+    with open(os.path.join(datacenter.logs_path, "big.log"), "w") as handle:
+        handle.writelines(lines)
+
+    assert list(datacenter.query_log("big.log", "line", newest_first=True)) == lines[::-1]
+
+
 def test_query_log_refuses_invalid_expressions_and_names(rotated_logs):
-    with pytest.raises(ValueError, match="Invalid search expression"):
+    with pytest.raises(ValueError, match=r"not valid \(missing \): \(unclosed\)"):
         rotated_logs.query_log("app.log", "(unclosed")
     with pytest.raises(ValueError, match="Invalid log file name"):
         rotated_logs.query_log("../app.log", ".")

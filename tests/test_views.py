@@ -207,12 +207,28 @@ def test_log_search_filters_pages_and_escapes(clerk_client, files, settings):
 
     first = clerk_client.get(url, {"q": "note"})
     second = clerk_client.get(url, {"q": "note", "page": 2})
+    oldest = clerk_client.get(url, {"q": "note", "order": "oldest"})
 
-    assert len(first.context["lines"]) == 4 and first.context["has_next"]
-    assert len(second.context["lines"]) == 2 and not second.context["has_next"]
-    assert second.context["lines"][-1].endswith("note: <script>5</script>")
-    assert b"&lt;script&gt;5&lt;/script&gt;" in second.content
-    assert b"<script>5" not in second.content
+    # Newest first by default.
+    assert len(first.context["page"]) == 4 and first.context["page"].has_next()
+    assert first.context["page"][0].endswith("note: <script>5</script>")
+    assert len(second.context["page"]) == 2 and not second.context["page"].has_next()
+    assert second.context["page"][-1].endswith("note: <script>0</script>")
+    assert b"Page 2 of 2" in second.content
+    assert oldest.context["page"][0].endswith("note: <script>0</script>")
+    assert b"&lt;script&gt;5&lt;/script&gt;" in first.content
+    assert b"<script>5" not in first.content
+
+
+def test_log_search_ignores_case_unless_told_to_match_it(clerk_client, files):
+    files.log_action("clerk", "note", "The ZEBRA crossed")
+    url = reverse("datacenter:log", kwargs={"name": "datacenter.log"})
+
+    ignoring = clerk_client.get(url, {"q": "zebra"})
+    matching = clerk_client.get(url, {"q": "zebra", "match_case": "on"})
+
+    assert len(ignoring.context["page"]) == 1
+    assert len(matching.context["page"]) == 0
 
 
 def test_log_search_explains_an_invalid_expression(clerk_client, files):
@@ -221,7 +237,8 @@ def test_log_search_explains_an_invalid_expression(clerk_client, files):
     response = clerk_client.get(url, {"q": "([a-z"})
 
     assert response.status_code == 200
-    assert "Invalid search expression" in response.context["form"].errors["q"][0]
+    [error] = response.context["form"].errors["q"]
+    assert error == "The search expression is not valid (missing ]: [a-z)."
 
 
 def test_unknown_log_is_404(clerk_client, files):
@@ -282,7 +299,7 @@ def test_a_catastrophic_expression_is_answered_at_once(viewer_client, files):
     response = viewer_client.get(url, {"q": "(a+)+$"})
 
     assert response.status_code == 200
-    assert response.context["lines"] == []
+    assert list(response.context["page"]) == []
     assert response.context["form"].errors == {}
 
 
@@ -293,7 +310,7 @@ def test_expressions_that_re2_does_not_support_or_too_long_are_explained(viewer_
     lookahead = viewer_client.get(url, {"q": "a(?=b)"})
     too_long = viewer_client.get(url, {"q": "a" * 501})
 
-    assert "Back-references and look-around" in backreference.context["form"].errors["q"][0]
+    assert "Back-references (\\1) and look-around" in backreference.context["form"].errors["q"][0]
     assert "not supported" in lookahead.context["form"].errors["q"][0]
     assert "at most 500 characters" in too_long.context["form"].errors["q"][0]
 
@@ -314,9 +331,9 @@ def test_a_backup_that_is_a_link_is_never_searched(viewer_client, files, secret)
     os.symlink(secret / "passwd", os.path.join(files.logs_path, "datacenter.log.1"))
     url = reverse("datacenter:log", kwargs={"name": "datacenter.log"})
 
-    lines = viewer_client.get(url, {"q": "."}).context["lines"]
+    lines = list(viewer_client.get(url, {"q": "."}).context["page"])
 
-    assert lines[-1].endswith("note: visible")
+    assert lines[0].endswith("note: visible")
     assert not [line for line in lines if "secret" in line]
 
 

@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand
 
-from imports.alerts import ALERT, RECOVERY, check_source
+from imports.alerts import ALERT, RECOVERY, check_source, moment_text
 from imports.management.commands.cds_import import named_sources
 from imports.models import CdsSource
 from imports.runs import interrupt_dead_runs
@@ -25,7 +25,7 @@ class Command(BaseCommand):
             self.stdout.write("No enabled sources to check.")
         for source, sent in checked:
             if source.alert_since:
-                since = f"{source.alert_since:%Y-%m-%d %H:%M}"
+                since = moment_text(source.alert_since)
                 state = f"needs attention since {since}: {source.alert_reason}"
             else:
                 state = "fine"

@@ -91,6 +91,11 @@ def check_header(processor: Processor, header: list[str], mode: str) -> list[str
     return problems
 
 
+def counted(number: int, thing: str) -> str:
+    """``1 column``, ``2 columns``."""
+    return f"{number} {thing}{'' if number == 1 else 's'}"
+
+
 def some_of(names: list[str], shown: int = 10) -> str:
     """The first `shown` of `names`, comma-separated, and how many more there are: a header
     may have a million columns, a message should not."""
@@ -307,8 +312,8 @@ def _process_rows(records, reader, header, processor, mode, output_dir, progress
             for line, values in batch:
                 if len(values) != len(columns):
                     message = (
-                        f"The row has {len(values)} fields, but the header has "
-                        f"{len(columns)} columns."
+                        f"The row has {counted(len(values), 'field')}, but the header has "
+                        f"{counted(len(columns), 'column')}."
                     )
                     _fail(result, pending, values, line, message)
                     continue

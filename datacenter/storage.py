@@ -120,13 +120,14 @@ class DataCenter:
         """pending_files() as a sequence that reads only the files a page shows."""
         return FileListing(self.real_folder(), "", ".csv", sort)
 
-    def finished_listing(self) -> "FileListing":
-        """finished_files() as a sequence that reads only the files a page shows."""
+    def finished_listing(self, suffix: str = ".finished.csv") -> "FileListing":
+        """finished_files() as a sequence that reads only the files a page shows; with
+        `suffix` ``.csv``, the originals moved to ``finished/`` too."""
         try:
             folder = self.real_folder("finished")
         except FileNotFoundError:
             return FileListing.empty("finished")
-        return FileListing(folder, "finished", ".finished.csv", "date")
+        return FileListing(folder, "finished", suffix, "date")
 
     def get_file(self, name: str, folder: str = "") -> DataCenterFile:
         """The data center file `name` in the root or in one subfolder of DATA_FOLDERS;

@@ -21,7 +21,7 @@ from django.conf import settings
 
 from . import workbooks
 from .emails import notify_upload
-from .processing import some_of
+from .processing import counted, some_of
 from .storage import (
     DataCenter,
     DataCenterFile,
@@ -399,7 +399,8 @@ def _fields(path: str, encoding: str, separator: str) -> "SpreadsheetCsv | Uploa
                     return UploadError(NO_HEADER)
             elif row and len(row) != len(header):
                 return UploadError(
-                    f"Line {line} has {len(row)} fields, but the header has {len(header)} columns."
+                    f"Line {line} has {counted(len(row), 'field')}, but the header has "
+                    f"{counted(len(header), 'column')}."
                 )
             used.update(index for index, value in enumerate(row) if value.strip())
             line = reader.line_num + 1

@@ -326,7 +326,7 @@ def download_export(request, name):
 
 @datacenter_permission("view_files")
 def finished(request):
-    page = paginate(request, current_datacenter().finished_listing())
+    page = paginate(request, current_datacenter().finished_listing(suffix=".csv"))
     return render(request, "datacenter/finished.html", {"page": page})
 
 

@@ -26,6 +26,13 @@ SPOOL_FOLDERS = {
     "out-new": ("outgoing_store", "new"),
     "out-cur": ("outgoing_store", "cur"),
 }
+#: What the spool page calls each folder (its tab and its empty message).
+FOLDER_TITLES = {
+    "new": "new/",
+    "cur": "cur/",
+    "out-new": "out/new/ (outgoing, waiting to be sent)",
+    "out-cur": "out/cur/ (outgoing, sent)",
+}
 
 
 def imports_permission(codename: str):
@@ -179,7 +186,13 @@ def spool(request, name):
             }
         )
     page = paginate(request, files)
-    context = {"source": source, "folder": folder, "page": page, "form": form}
+    context = {
+        "source": source,
+        "folder": folder,
+        "folder_title": FOLDER_TITLES[folder],
+        "page": page,
+        "form": form,
+    }
     return render(request, "imports/spool.html", context)
 
 

@@ -177,7 +177,7 @@ def test_the_export_page_starts_a_job_whose_file_is_downloaded_and_logged(
     job = Job.objects.get()
     assert response.url == job.get_absolute_url()
     assert job.status == Job.QUEUED
-    assert "0 of ? records written" in client.get(response.url).content.decode()
+    assert "Waiting for the task worker to take it." in client.get(response.url).content.decode()
     run_worker()
 
     job.refresh_from_db()

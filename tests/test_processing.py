@@ -229,7 +229,7 @@ def test_a_key_twice_in_a_file_and_rows_of_the_wrong_width_fail(datacenter):
 
     assert [message for _, message in result.errors] == [
         "username 'ann' appears more than once in the file.",
-        "The row has 1 fields, but the header has 2 columns.",
+        "The row has 1 field, but the header has 2 columns.",
     ]
     assert User.objects.get().email == "a@example.org"
 

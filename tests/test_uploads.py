@@ -203,7 +203,7 @@ def test_a_broken_utf_16_file_is_refused(datacenter):
         (b",\n1,2\n", "no header row"),
         (b"id,,name\n1,2,3\n", "Column 2 of the header row has no name"),
         (b"id,name,id\n1,2,3\n", "more than once: id"),
-        (b"id,name\n1,Ann\n2\n", "Line 3 has 1 fields, but the header has 2 columns"),
+        (b"id,name\n1,Ann\n2\n", "Line 3 has 1 field, but the header has 2 columns"),
         (b'id,name\n1,"Ann\n2,Bob\n', "CSV file: line 2: a quote is never closed"),
         (b'id,name\n1,"An"n\n', "not a well-formed CSV file: line 2"),
     ],

@@ -17,7 +17,7 @@ from .exports import ExportError
 from .forms import LogSearchForm, ProcessForm, RelocateForm, ReplaceForm, UploadForm
 from .models import Job, Upload, current_datacenter
 from .paging import paginate
-from .processing import ProcessingError, mode_of_pending_file, processors
+from .processing import ProcessingError, counted, mode_of_pending_file, processors
 from .storage import EXPORTS_FOLDER, StorageError, read_csv_preview
 from .uploads import UploadError, replace_upload, save_upload
 
@@ -116,7 +116,7 @@ def upload(request):
             converted = f" ({stored.conversion})" if stored.conversion else ""
             messages.success(
                 request,
-                f"Uploaded {stored.name}{converted}: {stored.rows} data rows, "
+                f"Uploaded {stored.name}{converted}: {counted(stored.rows, 'data row')}, "
                 f"{stored.get_size()}.",
             )
             return redirect("datacenter:pending")
@@ -274,8 +274,8 @@ def replace(request, name):
             converted = f" ({stored.conversion})" if stored.conversion else ""
             messages.success(
                 request,
-                f"Replaced {name}{converted}: {stored.rows} data rows; the old version was "
-                f"kept as deleted/{kept}.",
+                f"Replaced {name}{converted}: {counted(stored.rows, 'data row')}; the old "
+                f"version was kept as deleted/{kept}.",
             )
             return redirect("datacenter:preview", name=name)
     return render(request, "datacenter/replace.html", {"file": file, "form": form})

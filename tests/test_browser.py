@@ -68,7 +68,7 @@ def test_upload_preview_and_delete(page, clerk, datacenter):
         files=[{"name": "New People.csv", "mimeType": "text/csv", "buffer": b"id,name\n1,Ann\n"}]
     )
     page.get_by_role("button", name="Upload").click()
-    expect(page.get_by_role("alert")).to_contain_text("Uploaded New_People.csv: 1 data rows")
+    expect(page.get_by_role("alert")).to_contain_text("Uploaded New_People.csv: 1 data row,")
     row = page.get_by_role("row", name="New_People.csv")
     expect(row).to_contain_text("clerk")
 

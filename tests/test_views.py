@@ -113,7 +113,7 @@ def test_upload_stores_the_file_and_records_the_uploader(clerk_client, clerk, da
     response = clerk_client.post(reverse("datacenter:upload"), {"file": upload}, follow=True)
 
     assert response.redirect_chain == [(reverse("datacenter:pending"), 302)]
-    assert b"Uploaded New_List.csv: 1 data rows" in response.content
+    assert b"Uploaded New_List.csv: 1 data row," in response.content
     assert [f.name for f in datacenter.pending_files()] == ["New_List.csv"]
     assert Upload.objects.get(name="New_List.csv").uploaded_by == clerk
 
@@ -125,7 +125,7 @@ def test_the_upload_message_says_what_was_converted(clerk_client, datacenter):
     response = clerk_client.post(reverse("datacenter:upload"), {"file": upload}, follow=True)
 
     assert (
-        "Uploaded excel.csv (converted from Windows-1252, semicolon-separated): 1 data rows"
+        "Uploaded excel.csv (converted from Windows-1252, semicolon-separated): 1 data row,"
         in response.content.decode()
     )
 

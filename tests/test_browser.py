@@ -331,3 +331,59 @@ def test_export_a_workbook_edit_it_upload_it_and_a_dry_run_shows_only_the_edit(
     expect(page.locator("#change-counts")).to_contain_text("2 would change nothing")
     expect(page.locator("#changes")).to_contain_text("Robert")
     expect(page.locator("#changes")).not_to_contain_text("007")
+
+
+SCREENSHOTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "test-artifacts", "pages")
+
+
+def test_every_main_page_fits_a_phone_and_a_desk(browser, live_server, admin_user, datacenter):
+    """At 390 px no page scrolls sideways as a whole (wide tables scroll in their own box);
+    screenshots of both widths go to test-artifacts/pages/ for people to look at."""
+    from imports.models import CdsSource, ImportedFile, ImportRun
+
+    long_name = "a-file-whose-name-is-quite-long-as-real-exports-often-are-2026-11-30.csv"
+    write(os.path.join(datacenter.storage, long_name), "username,email\nann,a@example.org\n")
+    write(os.path.join(datacenter.finished_path, "x.create.finished.csv"), "username\nann\n")
+    source = CdsSource.objects.create(
+        name="partner",
+        host="ftp.partner.example.org",
+        user="u",
+        remote_dir="/outbox/with/a/long/path",
+        export_dir="/inbox",
+        spool_dir=str(datacenter.storage) + "-spool",
+    )
+    run = ImportRun.objects.create(source=source, trigger="cron", status="success", files=1)
+    ImportedFile.objects.create(
+        run=run, name=long_name, size=3_000_075, outcome="delivered", sha256="ab" * 32
+    )
+    pages = {
+        "pending": "/datacenter/",
+        "preview": f"/datacenter/files/{long_name}/",
+        "finished": "/datacenter/finished/",
+        "jobs": "/datacenter/jobs/",
+        "exports": "/datacenter/exports/",
+        "logs": "/datacenter/logs/",
+        "storage": "/datacenter/storage/",
+        "imports": "/imports/",
+        "runs": "/imports/runs/",
+        "run": run.get_absolute_url(),
+        "spool": source.get_absolute_url(),
+    }
+    os.makedirs(SCREENSHOTS, exist_ok=True)
+    for width, height in ((390, 844), (1366, 768)):
+        context = browser.new_context(
+            base_url=live_server.url, viewport={"width": width, "height": height}
+        )
+        page = context.new_page()
+        page.goto("/accounts/login/")
+        page.get_by_label("Username").fill(admin_user.username)
+        page.get_by_label("Password").fill("password")
+        page.get_by_role("button", name="Log in").click()
+        too_wide = []
+        for name, url in pages.items():
+            page.goto(url)
+            page.screenshot(path=os.path.join(SCREENSHOTS, f"{name}-{width}.png"), full_page=True)
+            if page.evaluate("document.documentElement.scrollWidth") > width:
+                too_wide.append(name)
+        context.close()
+        assert too_wide == [], f"at {width} px these pages scroll sideways: {too_wide}"

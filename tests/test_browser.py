@@ -387,3 +387,72 @@ def test_every_main_page_fits_a_phone_and_a_desk(browser, live_server, admin_use
                 too_wide.append(name)
         context.close()
         assert too_wide == [], f"at {width} px these pages scroll sideways: {too_wide}"
+
+
+AXE = os.path.join(
+    os.path.dirname(os.path.dirname(__file__)), "node_modules", "axe-core", "axe.min.js"
+)
+
+
+def serious_violations(page) -> list[str]:
+    """What axe-core finds on the page that is serious or critical, in words."""
+    page.add_script_tag(path=AXE)
+    violations = page.evaluate("async () => (await axe.run(document)).violations")
+    return [
+        f"{violation['id']} ({violation['impact']}): {node['target']}"
+        for violation in violations
+        if violation["impact"] in ("serious", "critical")
+        for node in violation["nodes"]
+    ]
+
+
+@pytest.mark.parametrize(
+    "role",
+    ["Data center viewers", "Data center clerks", "Data center managers", "Import managers", None],
+)
+def test_each_role_walks_its_pages_without_a_dead_end_or_an_accessibility_fault(
+    page, django_user_model, datacenter, role
+):
+    """A person of each ready-made group (None: a superuser) logs in, lands on a page they may
+    use and follows every link of the navigation; axe-core checks every page visited."""
+    import importlib
+
+    from django.contrib.auth.models import Group, Permission
+
+    roles = importlib.import_module("datacenter.migrations.0006_roles").ROLES
+    for name, permissions in roles.items():  # the test database is emptied between tests
+        group, _ = Group.objects.get_or_create(name=name)
+        for permission in permissions:
+            app_label, codename = permission.split(".")
+            group.permissions.add(
+                Permission.objects.get(content_type__app_label=app_label, codename=codename)
+            )
+    if role:
+        user = django_user_model.objects.create_user("person", password=PASSWORD)
+        user.groups.add(Group.objects.get(name=role))
+    else:
+        django_user_model.objects.create_superuser("person", password=PASSWORD)
+    write(os.path.join(datacenter.storage, "staff.csv"), "username,email\nann,a@example.org\n")
+
+    page.goto("/")
+    page.get_by_label("Username").fill("person")
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    faults = {page.url: serious_violations(page)}
+    assert "Not allowed" not in page.title()
+    links = [
+        link.get_attribute("href")
+        for link in page.locator("#nav a.nav-link").all()
+        if "/admin/" not in link.get_attribute("href")
+    ]
+    assert links, "the navigation offers nothing"
+    for href in links:
+        response = page.goto(href)
+        assert response.status == 200, href
+        faults[href] = serious_violations(page)
+    if role in ("Data center clerks", "Data center managers", None):
+        page.goto("/datacenter/files/staff.csv/process/")
+        page.get_by_role("button", name="Check and try (dry run)").click()
+        expect(page.locator("#dry-run-summary")).to_be_visible()
+        faults[page.url] = serious_violations(page)
+    assert {url: found for url, found in faults.items() if found} == {}

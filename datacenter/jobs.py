@@ -34,6 +34,7 @@ from .limits import check_site_storage_path
 from .models import Job, StorageLocation, current_datacenter
 from .processes import HOST, died_on_this_host, fail_running_task
 from .processing import CHANGES_KEPT, ProcessingError, check_processing, process_file
+from .relocation import tree_size
 from .storage import JOBS_FOLDER, DataCenter, Distribution, StorageError
 
 log = logging.getLogger(__name__)
@@ -365,6 +366,7 @@ def _relocate(job: Job) -> None:
         old = current_datacenter()
         old_path = old.storage
         check_site_storage_path(old, job.path)  # the spools may have changed since
+        before = old.contents_size() if job.move else (0, 0)
         not_moved = old.relocate(
             job.path,
             move=job.move,
@@ -384,10 +386,13 @@ def _relocate(job: Job) -> None:
         f"not moved: {', '.join(sorted(not_moved)) or 'none'}",
     )
     job.refresh_from_db(fields=["done", "total"])
+    left = tree_size(old_path, skip=JOBS_FOLDER) if job.move else (0, 0)
     job.result = {
         "old_path": old_path,
         "new_path": old.storage,
         "not_moved": sorted(not_moved.items()),
+        "moved_files": before[0] - left[0],
+        "moved_bytes": before[1] - left[1],
     }
     _end(job, Job.SUCCESS)
 

@@ -38,15 +38,17 @@ def protected_places() -> list[tuple[str, str]]:
     return places
 
 
-def check_site_storage_path(datacenter: DataCenter, path: str) -> str:
-    """Validate and create the folder `path` typed by staff for relocating `datacenter`;
-    return it, real and absolute. Raises StorageError in words for a path outside the
-    limits, and then creates nothing."""
+def check_site_storage_path(datacenter: DataCenter, path: str, *, create: bool = True) -> str:
+    """Validate and create (unless not `create`) the folder `path` typed by staff for
+    relocating `datacenter`; return it, real and absolute. Raises StorageError in words for
+    a path outside the limits, and then creates nothing."""
     literal = str(path).strip()
     if literal and "\x00" not in literal and os.path.isabs(literal):
         real = os.path.realpath(literal)
         if real != os.path.realpath(datacenter.storage):
             _check_within_limits(real)
+        if not create:
+            return real
     return datacenter.check_new_storage_path(literal, literal=True)
 
 

@@ -1,6 +1,7 @@
 """Moving the contents of a storage folder to another, entry by entry: each entry is copied,
 checked against its original and only then removed at the old place."""
 
+import contextlib
 import errno
 import filecmp
 import os
@@ -8,6 +9,20 @@ import shutil
 import tempfile
 
 from .files import copy_beside
+
+
+def tree_size(folder: str, skip: str = "") -> tuple[int, int]:
+    """(files, bytes) below `folder` that a move of the storage would handle; the folder
+    `skip` of the top level stays out."""
+    files = size = 0
+    for parent, dirs, names in os.walk(folder):
+        if parent == folder and skip in dirs:
+            dirs.remove(skip)
+        for name in names:
+            files += 1
+            with contextlib.suppress(OSError):
+                size += os.lstat(os.path.join(parent, name)).st_size
+    return files, size
 
 
 def count_files(folder: str, skip: str = "") -> int:

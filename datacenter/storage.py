@@ -31,7 +31,7 @@ from .files import (  # noqa: F401
 )
 from .listings import DataCenterFile, FileListing, read_csv_preview  # noqa: F401
 from .logsearch import compile_search, log_and_backups, matching_lines
-from .relocation import count_files, move_tree
+from .relocation import count_files, move_tree, tree_size
 
 SUBFOLDERS = ("deleted", "finished", "graduated", "logs", "unfinished")
 ACTION_LOG = "datacenter.log"
@@ -91,6 +91,10 @@ class DataCenter:
 
     def free_space(self) -> int:
         return shutil.disk_usage(self.storage).free
+
+    def contents_size(self) -> tuple[int, int]:
+        """(files, bytes) that relocating with "move" would move."""
+        return tree_size(self.storage, skip=JOBS_FOLDER)
 
     def real_folder(self, folder: str = "") -> str:
         """The real path of the storage root ('') or of one of its subfolders.

@@ -15,6 +15,7 @@ from django.views.decorators.http import require_http_methods, require_safe
 from . import editing, exports, health, jobs
 from .exports import ExportError
 from .forms import LogSearchForm, ProcessForm, RelocateForm, ReplaceForm, UploadForm
+from .limits import check_site_storage_path
 from .models import Job, Upload, current_datacenter
 from .paging import paginate
 from .processing import ProcessingError, counted, mode_of_pending_file, processors
@@ -377,10 +378,14 @@ class LogLines(Sequence):
 
 @datacenter_permission("relocate_storage")
 def storage(request):
+    """The storage's path and space, and relocating it: the form, then a confirmation that
+    says what will move, then the job."""
     datacenter = current_datacenter()
     form = RelocateForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         try:
+            if not request.POST.get("confirmed"):
+                return _confirm_relocation(request, datacenter, form)
             job = jobs.start_relocation(user=request.user, **form.cleaned_data)
         except StorageError as exc:
             form.add_error("path", str(exc))
@@ -388,6 +393,14 @@ def storage(request):
             return redirect(job)
     context = {"datacenter": datacenter, "free_space": datacenter.free_space(), "form": form}
     return render(request, "datacenter/storage.html", context)
+
+
+def _confirm_relocation(request, datacenter, form):
+    """The page that says what relocating will move, for a path within the limits."""
+    path = check_site_storage_path(datacenter, form.cleaned_data["path"], create=False)
+    files, size = datacenter.contents_size() if form.cleaned_data["move"] else (0, 0)
+    context = {"datacenter": datacenter, "form": form, "path": path, "files": files}
+    return render(request, "datacenter/relocate_confirm.html", context | {"size": size})
 
 
 @login_not_required

@@ -107,12 +107,15 @@ def test_relocate_the_storage_with_its_files_as_a_job(page, clerk, datacenter, t
     page.get_by_label("New storage path").fill(str(new))
     page.get_by_label("Move existing files to the new path").check()
     page.get_by_role("button", name="Relocate storage").click()
+    expect(page.locator("#confirm-summary")).to_contain_text("1 file (5 bytes) will be copied")
+    page.get_by_role("button", name="Relocate and move 1 file").click()
 
     expect(page.locator("#job-status")).to_have_text("queued")
     run_worker()
     expect(page.locator("#job-status")).to_have_text("success")
     expect(page.locator("#new-path")).to_have_text(str(new))
-    expect(page.get_by_text("All files were moved.")).to_be_visible()
+    expect(page.locator("#moved-count")).to_have_text("1 file (5 bytes) moved.")
+    expect(page.get_by_text("Every file was moved.")).to_be_visible()
     assert (new / "people.csv").read_text() == "id\n1\n"
     assert not os.path.exists(os.path.join(datacenter.storage, "people.csv"))
     page.locator("#nav").get_by_role("link", name="Pending files").click()

@@ -55,7 +55,8 @@ def relocator(django_user_model):
 
 
 def relocate(client, path, **options):
-    return client.post(reverse("datacenter:storage"), {"path": path, **options})
+    """Relocate as the form does, confirmed at once."""
+    return client.post(reverse("datacenter:storage"), {"path": path, "confirmed": 1, **options})
 
 
 @pytest.mark.parametrize(

@@ -259,13 +259,21 @@ def test_relocation_moves_files_and_stores_the_path(clerk_client, clerk, files, 
     new.mkdir()
     write(new / "people.csv", "theirs")
 
-    queued = clerk_client.post(reverse("datacenter:storage"), {"path": str(new), "move": "on"})
+    choice = {"path": str(new), "move": "on"}
+    confirm = clerk_client.post(reverse("datacenter:storage"), choice)
+    assert not Job.objects.exists()  # asked first, with what will move
+    summary = confirm.content.decode()
+    assert "3 files (" in summary and "will be copied to the new folder" in summary
+    assert "Relocate and move 3 files" in summary
+    queued = clerk_client.post(reverse("datacenter:storage"), {**choice, "confirmed": "1"})
     assert Job.objects.get().status == Job.QUEUED
     assert current_datacenter().storage == files.storage
     run_worker()
     response = clerk_client.get(queued.url)
 
     assert response.context["job"].status == Job.SUCCESS
+    assert b"2 files (" in response.content and b"moved." in response.content
+    assert b"1 item not moved" in response.content
     assert response.context["job"].result["not_moved"] == [
         ["people.csv", "already exists in the new storage (overwrite is off)"]
     ]

@@ -30,12 +30,18 @@ class FailedRow:
     values: list[str]
     error: str
     columns: list[str]
+    #: Where the record starts in the file, as the job's page counts (the header is line 1).
+    line: int = 0
 
     @property
-    def cells(self) -> list[tuple[str, str]]:
-        """(column, value) for each value; values beyond the header are extra fields."""
+    def cells(self) -> list[tuple[str, str, bool]]:
+        """(column, value, whether the error names it) for each value; values beyond the
+        header are extra fields."""
         names = self.columns + ["extra field"] * (len(self.values) - len(self.columns))
-        return list(zip(names, self.values, strict=True))
+        return [
+            (name, value, f"{name}:" in self.error)
+            for name, value in zip(names, self.values, strict=True)
+        ]
 
 
 @dataclass
@@ -78,15 +84,15 @@ class FailedRows(Sequence):
         with open(self.file.path, encoding="utf-8-sig", newline="") as handle:
             records = _records(csv.reader(handle))
             return [
-                self._row(number, record)
-                for number, record in itertools.islice(records, start, stop)
+                self._row(number, record, line)
+                for number, record, line in itertools.islice(records, start, stop)
             ]
 
-    def _row(self, number: int, record: list[str]) -> FailedRow:
+    def _row(self, number: int, record: list[str], line: int = 0) -> FailedRow:
         error = record[-1] if self.has_errors and record else ""
         values = record[:-1] if self.has_errors else record
         values = values + [""] * (len(self.columns) - len(values))
-        return FailedRow(number, values, error, self.columns)
+        return FailedRow(number, values, error, self.columns, line)
 
 
 def file_version(path: str) -> str:
@@ -95,9 +101,14 @@ def file_version(path: str) -> str:
 
 
 def _records(reader):
-    """(number, record) of the non-empty records after the header."""
+    """(number, record, line where it starts) of the non-empty records after the header."""
     next(reader, None)
-    return enumerate((record for record in reader if record), start=1)
+    line, number = reader.line_num + 1, 0
+    for record in reader:
+        if record:
+            number += 1
+            yield number, record, line
+        line = reader.line_num + 1
 
 
 def save_corrections(datacenter: DataCenter, file: DataCenterFile, data, *, user) -> Saved:
@@ -124,7 +135,7 @@ def save_corrections(datacenter: DataCenter, file: DataCenterFile, data, *, user
         ):
             reader, writer = csv.reader(source), csv.writer(out)
             writer.writerow(table.header)
-            for number, record in _records(reader):
+            for number, record, _ in _records(reader):
                 if number in dropped:
                     dropped_count += 1
                     continue
@@ -133,7 +144,8 @@ def save_corrections(datacenter: DataCenter, file: DataCenterFile, data, *, user
                     values = _cells(data, number, len(row.values))
                     if values != row.values:
                         corrected += 1
-                        record = values + ([row.error] if table.has_errors else [])
+                        # The old reason no longer holds; processing tells the new one.
+                        record = values + ([""] if table.has_errors else [])
                 writer.writerow(record)
         os.chmod(temp_path, 0o644)
         fsync_file(temp_path)

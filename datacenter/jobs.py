@@ -245,6 +245,7 @@ def _process(job: Job) -> None:
                 "plan": plan.as_dict(),
                 "outputs": output_dir,
                 "errors": result.errors[:ERRORS_KEPT],
+                "pending_lines": result.pending_lines[:ERRORS_KEPT],
             },
         )
 
@@ -266,6 +267,7 @@ def _process(job: Job) -> None:
     job.result = {
         "seconds": round(result.seconds, 3),
         "errors": result.errors[:ERRORS_KEPT],
+        "pending_lines": result.pending_lines[:ERRORS_KEPT],
         "finished_name": result.finished_file and os.path.basename(result.finished_file),
         "pending_name": result.pending_file and os.path.basename(result.pending_file),
     }

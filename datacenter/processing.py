@@ -68,6 +68,10 @@ class ProcessResult:
     change_counts: dict[str, int] = field(default_factory=dict)
     #: The SHA-256 of the file as it was processed (or checked by a dry run).
     sha256: str = ""
+    #: Of a run: the line where each failed row of `errors` starts in the pending file, as
+    #: the row editor shows it.
+    pending_lines: list[int] = field(default_factory=list)
+    next_pending_line: int = 2
 
 
 def check_header(processor: Processor, header: list[str], mode: str) -> list[str]:
@@ -348,7 +352,11 @@ def _fail(result, pending, cells, line, message) -> None:
     result.failed += 1
     result.errors.append((line, message))
     if pending:
-        pending.writerow([*cells, message])
+        row = [*cells, message]
+        result.pending_lines.append(result.next_pending_line)
+        pending.writerow(row)
+        # A cell may hold line breaks: the next record starts after them.
+        result.next_pending_line += 1 + sum(cell.count("\n") for cell in row)
 
 
 @contextmanager

@@ -211,7 +211,12 @@ def job(request, pk):
     if job.in_progress:
         context["worker"] = health.worker_status()
     result = job.result or {}
-    context["errors"] = result.get("errors", [])[:PREVIEW_ERRORS]
+    # Each failed row with the line where the row editor shows it, once it is pending.
+    lines = result.get("pending_lines", [])
+    context["errors"] = [
+        (line, message, lines[index] if index < len(lines) else None)
+        for index, (line, message) in enumerate(result.get("errors", [])[:PREVIEW_ERRORS])
+    ]
     if job.dry_run and job.status == Job.SUCCESS:
         if exports.may_view_records(request.user, job.processor):
             context["changes"] = paginate(request, result.get("changes", []))

@@ -64,7 +64,7 @@ def test_corrections_and_dropped_rows_are_saved_in_place_keeping_the_old_version
     with open(pending, "rb") as handle:
         assert handle.read() == (
             b"username,email,--ERRORS--\r\n"
-            b"bob,bob@example.org,email: Enter a valid email address.\r\n"
+            b"bob,bob@example.org,\r\n"  # corrected: its old reason is gone
             b"cy,cy@,email: Enter a valid email address.\r\n"
         )
     with open(os.path.join(datacenter.deleted_path, "staff.create.pending.csv"), "rb") as old:
@@ -160,3 +160,33 @@ def test_the_editor_pages_long_files(client, clerk, datacenter, settings):
 
     assert [row.number for row in third.context["page"]] == list(range(101, 121))
     assert len(FailedRows(third.context["file"])) == 120
+
+
+def test_the_editor_numbers_lines_as_the_job_page_does_and_marks_the_failing_cell(
+    clerk_client, datacenter, django_user_model
+):
+    from django.contrib.auth.models import Permission
+
+    from datacenter.models import Job
+
+    clerk = django_user_model.objects.get(username="clerk")
+    clerk.user_permissions.add(*Permission.objects.filter(content_type__app_label="auth"))
+    write(
+        os.path.join(datacenter.storage, "staff.csv"),
+        "username,email\nann,a@example.org\nbob,not-an-email\ncy,c@example.org\ndee,dee@\n",
+    )
+    url = reverse("datacenter:process", args=["staff.csv"])
+    clerk_client.post(url, {"processor": "users", "mode": "create", "step": "process"})
+    job = clerk_client.get(Job.objects.get().get_absolute_url())
+
+    editor = clerk_client.get(reverse("datacenter:edit", args=["staff.create.pending.csv"]))
+
+    assert [(line, pending) for line, _, pending in job.context["errors"]] == [(3, 2), (5, 3)]
+    assert b"Line in staff.create.pending.csv" in job.content
+    assert [row.line for row in editor.context["page"]] == [2, 3]
+    page = editor.content.decode()
+    assert page.count('aria-invalid="true"') == 2  # the email cell of each row
+    assert (
+        'class="form-control form-control-sm is-invalid" aria-invalid="true" name="cell-1-1"'
+        in page
+    )

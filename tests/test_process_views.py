@@ -65,7 +65,7 @@ def test_dry_run_then_process(manager_client, datacenter):
 
     job = dry_run.context["job"]
     assert (job.dry_run, job.status, job.succeeded, job.failed) == (True, "success", 1, 1)
-    assert dry_run.context["errors"] == [[3, "email: Enter a valid email address."]]
+    assert dry_run.context["errors"] == [(3, "email: Enter a valid email address.", None)]
     assert [list(change) for change in dry_run.context["changes"]] == [
         [2, "create", "ann", [["email", "", "a@example.org"]]]
     ]

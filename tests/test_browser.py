@@ -459,3 +459,72 @@ def test_each_role_walks_its_pages_without_a_dead_end_or_an_accessibility_fault(
         expect(page.locator("#dry-run-summary")).to_be_visible()
         faults[page.url] = serious_violations(page)
     assert {url: found for url, found in faults.items() if found} == {}
+
+
+def tab_to(page, label: str, *, limit: int = 80) -> None:
+    """Press Tab until the focused element is the one `label` names (its text, value or
+    label), as a person without a mouse would; fail when it cannot be reached. The element
+    focused already (autofocus) counts."""
+    page.wait_for_load_state()
+    for _ in range(limit):
+        focused = page.evaluate(
+            "() => { const e = document.activeElement; if (e === document.body) return '';"
+            " return [e.innerText, e.value,"
+            " e.getAttribute('aria-label'), e.labels && e.labels[0] && e.labels[0].innerText]"
+            ".filter(Boolean).join(' | '); }"
+        )
+        if label in focused:
+            return
+        page.keyboard.press("Tab")
+    raise AssertionError(f"{label!r} cannot be reached with the keyboard")
+
+
+def follow(page) -> None:
+    """Press Enter on the focused link or button and wait for the page it leads to."""
+    with page.expect_navigation():
+        page.keyboard.press("Enter")
+
+
+def test_upload_dry_run_process_and_fix_rows_with_the_keyboard_alone(page, clerk, datacenter):
+    clerk.user_permissions.add(*Permission.objects.filter(content_type__app_label="auth"))
+    page.goto("/")
+    tab_to(page, "Username")
+    page.keyboard.type("clerk")
+    tab_to(page, "Password")
+    page.keyboard.type(PASSWORD)
+    follow(page)
+    expect(page.get_by_role("heading", name="Pending files")).to_be_visible()
+
+    tab_to(page, "Upload a CSV file")
+    follow(page)
+    tab_to(page, "CSV file or workbook")
+    # The file itself is chosen in the system's dialog, which no page controls.
+    page.locator(":focus").set_input_files(
+        files=[
+            {"name": "staff.csv", "mimeType": "text/csv", "buffer": b"username,email\nann,ann@\n"}
+        ]
+    )
+    tab_to(page, "Upload")
+    follow(page)
+    expect(page.get_by_role("alert")).to_contain_text("Uploaded staff.csv")
+
+    tab_to(page, "Process")
+    follow(page)
+    tab_to(page, "Check and try (dry run)")
+    follow(page)
+    expect(page.locator("#dry-run-summary")).to_contain_text("0 would succeed")
+    tab_to(page, "Process")
+    follow(page)
+    expect(page.locator("#job-status")).to_have_text("success")
+
+    page.goto("/datacenter/files/staff.create.pending.csv/")
+    tab_to(page, "Fix rows")
+    follow(page)
+    tab_to(page, "Row 1 email")
+    page.keyboard.press("End")
+    page.keyboard.type("example.org")
+    tab_to(page, "Save corrections")
+    follow(page)
+    expect(page.get_by_role("alert")).to_contain_text("1 rows corrected")
+    with open(os.path.join(datacenter.storage, "staff.create.pending.csv")) as handle:
+        assert "ann,ann@example.org," in handle.read()

@@ -1,6 +1,5 @@
-import functools
 from collections.abc import Sequence
-from functools import wraps
+from functools import partial, wraps
 
 from django.conf import settings
 from django.contrib import messages
@@ -53,6 +52,14 @@ PENDING_WORK = ("view_files", "upload_files", "process_files", "delete_files")
 
 def works_on_pending_files(user) -> bool:
     return any(user.has_perm(f"datacenter.{codename}") for codename in PENDING_WORK)
+
+
+def reads_pending_files(user) -> bool:
+    """Whoever views, fixes or processes files reads them (deleting one does not)."""
+    return any(
+        user.has_perm(f"datacenter.{codename}")
+        for codename in ("view_files", "upload_files", "process_files")
+    )
 
 
 #: Where a person lands after logging in: the first of these pages they may use.
@@ -137,7 +144,7 @@ def _logged_download(request, name: str, folder: str) -> FileResponse:
     return FileResponse(open(file.path, "rb"), as_attachment=True, filename=file.name)
 
 
-@allowed_if(works_on_pending_files)
+@allowed_if(reads_pending_files)
 @file_or_404
 def preview(request, name):
     file = current_datacenter().get_file(name)
@@ -369,7 +376,7 @@ class LogLines(Sequence):
     page at a time."""
 
     def __init__(self, datacenter, name: str, query: str, **options):
-        self.search = functools.partial(datacenter.query_log, name, query, **options)
+        self.search = partial(datacenter.query_log, name, query, **options)
         self.count = sum(1 for _ in self.search())
 
     def __len__(self) -> int:

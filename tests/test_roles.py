@@ -126,3 +126,16 @@ def test_the_admin_offers_only_permissions_that_mean_something(admin_client):
     assert "Can add job" not in page
     assert "Can delete import log entry" not in page
     assert "Can run CDS imports" in page
+
+
+def test_deleting_files_shows_their_names_not_their_contents(django_user_model, datacenter):
+    _, deleter = person(django_user_model, "deleter", "datacenter.delete_files")
+    write(os.path.join(datacenter.storage, "a.csv"), "username\nsecret-name\n")
+
+    listing = deleter.get(reverse("datacenter:pending"))
+    preview = deleter.get(reverse("datacenter:preview", args=["a.csv"]))
+
+    assert b"a.csv" in listing.content
+    assert b">Preview<" not in listing.content and b">Download<" not in listing.content
+    assert b">Delete<" in listing.content
+    assert preview.status_code == 403

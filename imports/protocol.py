@@ -83,20 +83,20 @@ class RunResult:
             "exchange files until it is removed; the next run tries again."
         )
         self.error = f"{self.error} {left}" if self.error else left
-        log.error("%s", left)
         return self
 
     def finish(self, failed_files: str) -> "RunResult":
         """The status at the end of a run that got through: failed when a file failed, with
-        the error "N file(s) `failed_files`"."""
+        the error "N file(s) `failed_files`", or when its lock stayed (lock_left)."""
         failed = [file for file in self.files if file.outcome == "failed"]
         if failed:
             self.status = FAILED
-            self.error = f"{len(failed)} file(s) {failed_files}"
-            log.error("Exiting with errors: %s", self.error)
-        else:
+            self.error = f"{len(failed)} file(s) {failed_files} {self.error}".strip()
+        elif self.status != FAILED:
             self.status = SUCCESS if self.delivered else NOTHING
             log.info("Exiting with success.")
+            return self
+        log.error("Exiting with errors: %s", self.error)
         return self
 
 
@@ -181,8 +181,9 @@ def run_under_lock(
 
     left = remove_lock(transport, reconnect, store, own)
     log.info("Disconnected from CDS %s server", kind)
-    result.finish(failed_files)
-    return result.lock_left(own, left) if left else result
+    if left:
+        result.lock_left(own, left)
+    return result.finish(failed_files)
 
 
 def connect(result: RunResult, open_connection: Callable, kind: str = "FTP"):

@@ -85,6 +85,8 @@ def test_without_delete_rights_the_log_never_claims_a_lock_removed(
     )
     assert result.status == cds.FAILED
     assert "The lock file 'write' stays on the server" in result.error
+    assert "Exiting with success." not in log
+    assert log[-1].startswith("Exiting with errors: ")
     assert b"write" in server.names()
     # The record stays: the next run knows the lock on the server is its own.
     assert os.path.exists(os.path.join(store, ".write.lock.json"))

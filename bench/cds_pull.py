@@ -5,8 +5,9 @@ a process of its own where vsftpd is missing or this is not root, and then it sa
 pulls every file with each tool in turn, each a process of its own, the server's folder
 refilled and the disk settled before each:
 
-- ours through ``imports.cds.import_`` alone, and through ``manage.py cds_import`` (what cron
-  runs: Django, the database log and the file records included);
+- ours through ``imports.cds.import_`` alone with four connections (its default is the seed's
+  one), and through ``manage.py cds_import`` (what cron runs: Django, the database log and the
+  file records included, with the source's four connections);
 - ``lftp -e "mirror --Remove-source-files --parallel=N"`` with N = 1 and 4;
 - for the large files, the disk's durable-write limit (``dd bs=1M conv=fsync`` of as many
   bytes), which takes its turn among the tools: this disk's speed changes within minutes.
@@ -107,7 +108,7 @@ def tools(server: Server, env: dict) -> dict:
     def import_(dest: Path) -> list[str]:
         call = (
             f"import_({str(dest)!r}, '127.0.0.1', {server.port}, {server.user!r}, "
-            f"{server.password!r}, '/outbox', timeout=60)"
+            f"{server.password!r}, '/outbox', timeout=60, parallel=4)"
         )
         return [
             sys.executable,

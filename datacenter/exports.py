@@ -10,7 +10,6 @@ DATACENTER_EXPORT_DAYS days.
 import contextlib
 import csv
 import os
-import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 
@@ -19,6 +18,7 @@ from django.db import models
 from django.utils import timezone
 
 from . import workbooks
+from .files import remove_stale_parts
 from .formulas import neutralised
 from .processing import ModelProcessor, ProcessingError, get_processor, processors
 from .storage import (
@@ -31,8 +31,6 @@ from .storage import (
 )
 
 PAGE_SIZE = 2000
-#: A hidden partial export not written to for this long belongs to a process that died.
-STALE_PART_SECONDS = 3600
 PART_SUFFIX = ".part"
 
 
@@ -292,8 +290,6 @@ def remove_expired(datacenter: DataCenter, now: datetime | None = None) -> list[
             os.unlink(file.path)
             datacenter.log_action(None, "expire", file.rel_path)
             removed.append(file.name)
-    for entry in _entries(datacenter):
-        stale = time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_PART_SECONDS
-        if entry.name.startswith(".") and entry.name.endswith(PART_SUFFIX) and stale:
-            os.unlink(entry.path)
+    with contextlib.suppress(FileNotFoundError):
+        remove_stale_parts(datacenter.real_folder(EXPORTS_FOLDER), (".",), PART_SUFFIX)
     return removed

@@ -6,6 +6,7 @@ or where it belongs: copies are written under a hidden temporary name, checked, 
 into place; an original is removed only after its copy is complete.
 """
 
+import contextlib
 import errno
 import fcntl
 import filecmp
@@ -13,6 +14,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 
 
@@ -136,3 +138,25 @@ def sha256_of(fd: int) -> str:
         digest.update(chunk)
         offset += len(chunk)
     return digest.hexdigest()
+
+
+#: A hidden partial file nobody wrote to for this long belongs to a process that died.
+STALE_PART_SECONDS = 3600
+
+
+def remove_stale_parts(folder: str, prefixes: tuple[str, ...], suffix: str = ".part") -> list[str]:
+    """Remove the partial files of `folder` (regular files whose names begin with one of
+    `prefixes` and end in `suffix`) that nobody wrote to for STALE_PART_SECONDS; return
+    their names. A missing folder has none."""
+    removed = []
+    now = time.time()
+    with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
+        for entry in entries:
+            if not (entry.name.startswith(prefixes) and entry.name.endswith(suffix)):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                stale = now - entry.stat(follow_symlinks=False).st_mtime > STALE_PART_SECONDS
+                if stale and entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
+                    removed.append(entry.name)
+    return removed

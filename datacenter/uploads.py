@@ -12,14 +12,13 @@ import errno
 import os
 import re
 import tempfile
-import time
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 
 from django.conf import settings
 
-from . import workbooks
+from . import files, workbooks
 from .emails import notify_upload
 from .processing import counted, some_of
 from .storage import (
@@ -39,8 +38,6 @@ NO_HEADER = "The file has no header row: its first line must name the columns."
 #: The names of the hidden partial files of uploads and of the row editor begin so.
 UPLOAD_PREFIX, EDIT_PREFIX = ".upload-", ".edit-"
 PART_PREFIXES = (UPLOAD_PREFIX, EDIT_PREFIX)
-#: A partial file not written to for this long belongs to a process that died.
-STALE_PART_SECONDS = 3600
 
 
 class UploadError(ValueError):
@@ -194,24 +191,10 @@ def _sheet_as_csv(datacenter, workbook: str, filename: str, temp_paths, conversi
     return target
 
 
-def remove_stale_parts(datacenter: DataCenter, now: float | None = None) -> list[str]:
-    """Remove the hidden partial files of uploads and edits in the storage root that no
-    process has written for STALE_PART_SECONDS (their process was killed); return their
-    names."""
-    now = time.time() if now is None else now
-    removed = []
-    with os.scandir(datacenter.storage) as entries:
-        for entry in entries:
-            if not (entry.name.startswith(PART_PREFIXES) and entry.name.endswith(".part")):
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                stat = entry.stat(follow_symlinks=False)
-                if now - stat.st_mtime > STALE_PART_SECONDS and entry.is_file(
-                    follow_symlinks=False
-                ):
-                    os.unlink(entry.path)
-                    removed.append(entry.name)
-    return removed
+def remove_stale_parts(datacenter: DataCenter) -> list[str]:
+    """Remove the partial files of uploads and edits in the storage root whose process was
+    killed; return their names."""
+    return files.remove_stale_parts(datacenter.storage, PART_PREFIXES)
 
 
 def _temp_file(datacenter: DataCenter, temp_paths: list[str]) -> str:

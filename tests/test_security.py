@@ -13,8 +13,8 @@ from django.conf import settings as django_settings
 from django.contrib.auth.models import Group, Permission, User
 from django.urls import reverse
 
+from datacenter.files import STALE_PART_SECONDS
 from datacenter.models import Job, StorageLocation, current_datacenter
-from datacenter.uploads import STALE_PART_SECONDS
 from imports.models import CdsSource
 
 from .conftest import PASSWORD, ROOT, process_env, run_worker, tree, wait_for, write

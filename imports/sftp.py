@@ -29,6 +29,7 @@ from .transports import (
     RemoteEntry,
     Sink,
     UnlistableFolder,
+    exists_by_size,
 )
 
 # Host key algorithms to negotiate for a pinned key of each type: the server must show the
@@ -181,13 +182,7 @@ class SftpTransport:
         with _sftp_errors():
             return self.sftp.stat(self.path(raw)).st_size
 
-    def exists(self, raw: bytes) -> bool:
-        """Whether an entry named `raw` is there, asked by name."""
-        try:
-            self.size(raw)
-        except PermanentError:
-            return False
-        return True
+    exists = exists_by_size
 
     def retrieve(self, raw: bytes, sink: Sink) -> None:
         with _sftp_errors(), self.sftp.open(self.path(raw), "rb") as remote:

@@ -42,6 +42,16 @@ class UnlistableFolder(PermanentError):
     account write into a folder and enter it, but not read it."""
 
 
+def exists_by_size(transport, raw: bytes) -> bool:
+    """Whether a file named `raw` is there, asked by name (its size), which works in folders
+    that cannot be listed. The `exists` method of every transport."""
+    try:
+        transport.size(raw)
+    except PermanentError:
+        return False
+    return True
+
+
 SERVER_ERRORS = (PermanentError, TemporaryError, ftplib.Error)
 
 
@@ -247,14 +257,7 @@ class FtpTransport:
         with _server_errors():
             return self.ftp.size(raw.decode(WIRE))
 
-    def exists(self, raw: bytes) -> bool:
-        """Whether a file named `raw` is there, asked by name (SIZE), which works in folders
-        that cannot be listed."""
-        try:
-            self.size(raw)
-        except PermanentError:
-            return False
-        return True
+    exists = exists_by_size
 
     def retrieve(self, raw: bytes, sink: Sink) -> None:
         """Hand the file `raw` to `sink` (see Sink)."""

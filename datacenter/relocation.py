@@ -11,29 +11,29 @@ import tempfile
 from .files import copy_beside
 
 
-def tree_size(folder: str, skip: str = "") -> tuple[int, int]:
-    """(files, bytes) below `folder` that a move of the storage would handle; the folder
-    `skip` of the top level stays out."""
-    files = size = 0
-    for parent, dirs, names in os.walk(folder):
-        if parent == folder and skip in dirs:
-            dirs.remove(skip)
-        for name in names:
-            files += 1
-            with contextlib.suppress(OSError):
-                size += os.lstat(os.path.join(parent, name)).st_size
-    return files, size
-
-
-def count_files(folder: str, skip: str = "") -> int:
-    """The files (and links) below `folder` that a move of the storage would handle; the
-    folder `skip` of the top level stays out."""
-    count = 0
+def _moved_files(folder: str, skip: str = ""):
+    """The paths of the files (and links) below `folder` that a move of the storage would
+    handle; the folder `skip` of the top level stays out."""
     for parent, dirs, files in os.walk(folder):
         if parent == folder and skip in dirs:
             dirs.remove(skip)
-        count += len(files) + sum(os.path.islink(os.path.join(parent, d)) for d in dirs)
-    return count
+        links = [name for name in dirs if os.path.islink(os.path.join(parent, name))]
+        for name in files + links:
+            yield os.path.join(parent, name)
+
+
+def count_files(folder: str, skip: str = "") -> int:
+    return sum(1 for _ in _moved_files(folder, skip))
+
+
+def tree_size(folder: str, skip: str = "") -> tuple[int, int]:
+    """(files, bytes) of what count_files() counts."""
+    files = size = 0
+    for path in _moved_files(folder, skip):
+        files += 1
+        with contextlib.suppress(OSError):
+            size += os.lstat(path).st_size
+    return files, size
 
 
 def move_tree(

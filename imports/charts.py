@@ -17,8 +17,6 @@ def daily_bars(counts: dict[date, int], last: date, days: int = CHART_DAYS) -> l
         day = first + timedelta(days=offset)
         files = counts.get(day, 0)
         height = CHART_HEIGHT * files / top
-        bars.append(
-            {"day": day, "files": files, "x": offset * 10 + 1, "y": CHART_HEIGHT - height}
-            | {"height": height}
-        )
+        x, y = offset * 10 + 1, CHART_HEIGHT - height
+        bars.append({"day": day, "files": files, "x": x, "y": y, "height": height})
     return bars

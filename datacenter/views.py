@@ -18,6 +18,7 @@ from .limits import check_site_storage_path
 from .models import Job, Upload, current_datacenter
 from .paging import paginate
 from .processing import ProcessingError, counted, mode_of_pending_file, processors
+from .reach import reads_pending_files, works_on_pending_files
 from .storage import EXPORTS_FOLDER, StorageError, read_csv_preview
 from .uploads import UploadError, replace_upload, save_upload
 
@@ -43,23 +44,6 @@ def allowed_if(test):
         return wrapper
 
     return decorator
-
-
-#: Whoever works on pending files sees them listed: to upload, fix, process or delete one
-#: you must know which there are.
-PENDING_WORK = ("view_files", "upload_files", "process_files", "delete_files")
-
-
-def works_on_pending_files(user) -> bool:
-    return any(user.has_perm(f"datacenter.{codename}") for codename in PENDING_WORK)
-
-
-def reads_pending_files(user) -> bool:
-    """Whoever views, fixes or processes files reads them (deleting one does not)."""
-    return any(
-        user.has_perm(f"datacenter.{codename}")
-        for codename in ("view_files", "upload_files", "process_files")
-    )
 
 
 #: Where a person lands after logging in: the first of these pages they may use.

@@ -6,26 +6,26 @@ bytes, a relocation that moves no files, an export of at most
 DATACENTER_EXPORT_AT_ONCE_ROWS records. Anything larger goes to the task worker.
 
 A processing job writes its outputs to a folder of its own in the storage (JOBS_FOLDER) and
-records, in the very transaction that commits its rows, that they are ready and where they go
-(the plan of the distribution). A job whose process died is recovered by the next one to look:
-a committed job has its distribution finished from that plan, any other is marked
-interrupted, having changed nothing (processing, export: its partial file is removed) or moved
-whole files only (relocation, which is finished by relocating to the same path again).
-
-Progress of processing is kept in a small file beside the outputs, because the rows'
-transaction holds the database (SQLite allows one writer at a time); progress of a relocation
-or an export goes to the database, which they do not hold.
+commits its rows a batch at a time, each batch together with the job's position (the last
+line done, the lengths of its outputs, its counts). After the last batch it records, in one
+commit, that its results are ready and where they go (the plan of the distribution). A job
+whose process died is recovered by the next one to look: a committed job has its
+distribution finished from that plan, processing is queued again to resume after its last
+committed batch (a dry run starts again), and any other job is marked interrupted, having
+changed nothing (export: its partial file is removed) or moved whole files only (relocation,
+which is finished by relocating to the same path again).
 """
 
 import logging
 import os
 import shutil
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Q, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from . import exports
@@ -33,7 +33,15 @@ from .exports import ExportError
 from .limits import check_site_storage_path
 from .models import Job, StorageLocation, current_datacenter
 from .processes import HOST, died_on_this_host, fail_running_task
-from .processing import CHANGES_KEPT, ProcessingError, check_processing, process_file
+from .processing import (
+    CHANGES_KEPT,
+    ERRORS_KEPT,
+    Position,
+    ProcessingError,
+    ProcessingStopped,
+    check_processing,
+    process_file,
+)
 from .relocation import tree_size
 from .storage import JOBS_FOLDER, DataCenter, Distribution, StorageError
 
@@ -42,8 +50,6 @@ log = logging.getLogger(__name__)
 #: Errors of a request that cannot work, whose message is for staff (no traceback logged).
 EXPECTED_ERRORS = (ProcessingError, StorageError, ExportError, FileNotFoundError)
 
-#: How many failed rows a job keeps to show (all are in the pending file).
-ERRORS_KEPT = 1000
 PROGRESS_SECONDS = 0.5
 
 
@@ -73,6 +79,8 @@ def start_processing(
     sha256 = _checked_by_dry_run(after_dry_run, name, processor, mode) if after_dry_run else ""
     file = check_processing(current_datacenter(), name, processor, mode, user, sha256)
     _refuse_while_relocating("process the file")
+    if not dry_run:
+        check_file_free(name)
     job = Job.objects.create(
         kind=Job.PROCESS,
         user=user,
@@ -163,6 +171,12 @@ def _refuse_while_relocating(action: str) -> None:
 def _start(job: Job, *, at_once: bool) -> Job:
     if at_once:
         return run_job(job)
+    _enqueue(job)
+    return job
+
+
+def _enqueue(job: Job) -> None:
+    """Queue `job` for the task worker once the transaction that recorded it commits."""
     from .tasks import run_job_task
 
     def enqueue():
@@ -170,7 +184,47 @@ def _start(job: Job, *, at_once: bool) -> Job:
         Job.objects.filter(pk=job.pk).update(task_id=str(result.id))
 
     transaction.on_commit(enqueue)
+
+
+def resume_job(job: Job, user) -> Job:
+    """Queue the stopped processing `job` to go on after its last committed batch.
+
+    Raises ProcessingError when it cannot be resumed or `user` may not: the person who
+    started it may, and a superuser.
+    """
+    if not job.resumable:
+        raise ProcessingError(
+            f"Job #{job.pk} has not stopped half-way; there is nothing to resume."
+        )
+    if not user.has_perm("datacenter.process_files") or (
+        job.user_id != user.pk and not user.is_superuser
+    ):
+        raise ProcessingError("Only the person who started the job, or a superuser, resumes it.")
+    if Job.objects.filter(pk=job.pk, status=Job.INTERRUPTED).update(
+        status=Job.QUEUED, error="", finished=None, host="", pid=None
+    ):
+        _enqueue(job)
+    job.refresh_from_db()
     return job
+
+
+def check_file_free(name: str) -> None:
+    """StorageError while a job that has applied rows of the pending file `name` waits to
+    go on: resuming needs the file as it was."""
+    holder = (
+        Job.objects.filter(kind=Job.PROCESS, dry_run=False, file_name=name)
+        .filter(
+            Q(status__in=Job.IN_PROGRESS) | Q(status=Job.INTERRUPTED, result__has_key="position")
+        )
+        .order_by("pk")
+        .first()
+    )
+    if holder is not None:
+        action = "is being processed by" if holder.in_progress else "was processed in part by"
+        raise StorageError(
+            f"{name} {action} job #{holder.pk}; nothing was changed. "
+            + ("Try again when it has ended." if holder.in_progress else "Resume that job first.")
+        )
 
 
 # Carrying out jobs
@@ -181,7 +235,11 @@ def run_job(job: Job) -> Job:
     recover_jobs()
     now = timezone.now()
     began = Job.objects.filter(pk=job.pk, status=Job.QUEUED).update(
-        status=Job.RUNNING, host=HOST, pid=os.getpid(), started=now, updated=now
+        status=Job.RUNNING,
+        host=HOST,
+        pid=os.getpid(),
+        started=Coalesce("started", Value(now)),
+        updated=now,
     )
     job.refresh_from_db()
     if not began:
@@ -202,10 +260,22 @@ def _failed(job: Job, exc: Exception) -> None:
         message = f"The file is gone: {exc.filename}."
     else:
         message = f"{type(exc).__name__}: {exc}"
-    if Job.objects.filter(pk=job.pk, status=Job.COMMITTED).exists():
+    job.refresh_from_db()
+    if job.status == Job.COMMITTED:
         # The rows are committed: their distribution must still happen. Without a process
         # of its own, the job is finished by the next recover_jobs() of this host.
         Job.objects.filter(pk=job.pk).update(pid=None, error=f"Distributing failed: {message}")
+        return
+    position = resume_position(job)
+    if position is not None:
+        # Rows are committed: the outputs and the position stay, to go on from there.
+        cause = exc.__cause__ if isinstance(exc, ProcessingStopped) else exc
+        _end(
+            job,
+            Job.INTERRUPTED,
+            error=f"Stopped after line {position.line}: {cause}. The rows up to there are "
+            "applied; resume the job to process the rest.",
+        )
         return
     _remove_partial_work(job)
     _end(job, Job.FAILED, error=message)
@@ -228,20 +298,30 @@ def _process(job: Job) -> None:
     datacenter = current_datacenter()
     file = datacenter.get_file(job.file_name)
     Job.objects.filter(pk=job.pk).update(total=file.rows)
-    folder = job_folder(datacenter, job)
-    os.makedirs(folder, exist_ok=True)
-    progress = ProgressFile(folder)
-    output_dir = None if job.dry_run else os.path.join(folder, "outputs")
+    output_dir = None if job.dry_run else os.path.join(job_folder(datacenter, job), "outputs")
+    resume = resume_position(job)
+
+    def checkpoint(position: Position) -> None:
+        # In the transaction of the batch: its rows and the position are one commit.
+        job.result["position"] = position.as_dict()
+        Job.objects.filter(pk=job.pk).update(
+            done=position.total,
+            succeeded=position.succeeded,
+            failed=position.failed,
+            updated=timezone.now(),
+            result=job.result,
+        )
 
     def on_commit(result, plan: Distribution) -> None:
-        # In the transaction of the rows: committed and "ready to distribute" are one step.
+        # Committed and "ready to distribute" are one step.
         Job.objects.filter(pk=job.pk).update(
             status=Job.COMMITTED,
             done=result.total,
             succeeded=result.succeeded,
             failed=result.failed,
             updated=timezone.now(),
-            result={
+            result=job.result
+            | {
                 "plan": plan.as_dict(),
                 "outputs": output_dir,
                 "errors": result.errors[:ERRORS_KEPT],
@@ -249,6 +329,7 @@ def _process(job: Job) -> None:
             },
         )
 
+    progress = _progress_in_database(job)
     result = process_file(
         datacenter,
         job.file_name,
@@ -256,10 +337,12 @@ def _process(job: Job) -> None:
         job.mode,
         user=job.user,
         dry_run=job.dry_run,
-        progress=progress.rows,
+        progress=(lambda done: progress(done, None)) if job.dry_run else None,
         output_dir=output_dir,
         on_commit=on_commit,
         expected_sha256="" if job.dry_run else job.sha256,
+        checkpoint=checkpoint,
+        resume=resume,
     )
     job.done, job.succeeded, job.failed = result.total, result.succeeded, result.failed
     if job.dry_run:
@@ -270,6 +353,7 @@ def _process(job: Job) -> None:
         "pending_lines": result.pending_lines[:ERRORS_KEPT],
         "finished_name": result.finished_file and os.path.basename(result.finished_file),
         "pending_name": result.pending_file and os.path.basename(result.pending_file),
+        "resumed": job.result.get("resumed", []),
     }
     if job.dry_run:
         job.result |= {
@@ -280,48 +364,27 @@ def _process(job: Job) -> None:
             "change_counts": result.change_counts,
             "changes_kept": CHANGES_KEPT,
         }
-    shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(job_folder(datacenter, job), ignore_errors=True)
     _end(job, Job.SUCCESS)
 
 
-class ProgressFile:
-    """The rows done so far, in a file that the job's page reads, at most twice a second."""
-
-    NAME = "progress"
-
-    def __init__(self, folder: str):
-        self.path = os.path.join(folder, self.NAME)
-        self.written = 0.0
-
-    def rows(self, done: int) -> None:
-        if time.monotonic() - self.written < PROGRESS_SECONDS:
-            return
-        temp_path = f"{self.path}.new"
-        with open(temp_path, "w") as handle:
-            handle.write(str(done))
-        os.replace(temp_path, self.path)
-        self.written = time.monotonic()
-
-    @classmethod
-    def read(cls, folder: str) -> tuple[int, float] | None:
-        """(rows done, when written) or None when nothing was written."""
-        path = os.path.join(folder, cls.NAME)
-        try:
-            with open(path) as handle:
-                return int(handle.read() or 0), os.stat(path).st_mtime
-        except (OSError, ValueError):
-            return None
+def resume_position(job: Job) -> Position | None:
+    """Where the processing `job` stands after its last committed batch (None: at the
+    start)."""
+    position = (job.result or {}).get("position")
+    return Position.from_dict(position) if position else None
 
 
 def _progress_in_database(job: Job):
     """progress(done, total) that records the job's progress and sign of life, at most
-    twice a second (and at the end)."""
+    twice a second (and at the end); a total of None leaves the total as it is."""
     written = 0.0
 
-    def progress(done: int, total: int) -> None:
+    def progress(done: int, total: int | None) -> None:
         nonlocal written
         if time.monotonic() - written >= PROGRESS_SECONDS or done == total:
-            Job.objects.filter(pk=job.pk).update(done=done, total=total, updated=timezone.now())
+            totals = {} if total is None else {"total": total}
+            Job.objects.filter(pk=job.pk).update(done=done, updated=timezone.now(), **totals)
             written = time.monotonic()
 
     return progress
@@ -369,16 +432,17 @@ def _relocate(job: Job) -> None:
         old_path = old.storage
         check_site_storage_path(old, job.path)  # the spools may have changed since
         before = old.contents_size() if job.move else (0, 0)
-        not_moved = old.relocate(
-            job.path,
-            move=job.move,
-            overwrite=job.overwrite,
-            progress=_progress_in_database(job),
-            literal=True,
-        )
-        StorageLocation.objects.filter(pk=1).update(
-            path=old.storage, changed=timezone.now(), changed_by=job.user
-        )
+        with old.held(exclusive=True):
+            not_moved = old.relocate(
+                job.path,
+                move=job.move,
+                overwrite=job.overwrite,
+                progress=_progress_in_database(job),
+                literal=True,
+            )
+            StorageLocation.objects.filter(pk=1).update(
+                path=old.storage, changed=timezone.now(), changed_by=job.user
+            )
     finally:
         StorageLocation.objects.filter(pk=1, relocating=job).update(relocating=None)
     old.log_action(
@@ -417,26 +481,17 @@ def _end(job: Job, status: str, error: str = "") -> None:
     )
 
 
-# What the job's page shows
-
-
-def live_progress(job: Job) -> int:
-    """The rows or files done so far, read where the running job writes them."""
-    if job.kind == Job.PROCESS and job.status == Job.RUNNING:
-        written = ProgressFile.read(job_folder(current_datacenter(), job))
-        if written:
-            return written[0]
-    return job.done
-
-
 # Recovering jobs whose process died
 
 
 def recover_jobs() -> int:
-    """Finish or mark interrupted every job whose process died; return how many.
+    """Go on with, finish or end every job whose process died, and end the queued jobs
+    whose task is gone; return how many.
 
     A job dies with its process on this host at once, on another host when it has given no
-    sign of life for DATACENTER_JOB_LEASE seconds.
+    sign of life for DATACENTER_JOB_LEASE seconds. Processing is queued again to resume
+    after its last committed batch (a dry run starts again), unless it died twice at the
+    same place.
     """
     recovered = 0
     for job in Job.objects.filter(status__in=[Job.RUNNING, Job.COMMITTED]):
@@ -446,6 +501,7 @@ def recover_jobs() -> int:
         taken = Job.objects.filter(pk=job.pk, status=job.status, host=job.host, pid=job.pid)
         if not taken.update(host=HOST, pid=os.getpid(), updated=timezone.now()):
             continue
+        reason = f"The process carrying it out (host {job.host or '?'}, process {job.pid}) died."
         if job.status == Job.COMMITTED:
             try:
                 _finish_distribution(job)
@@ -454,21 +510,72 @@ def recover_jobs() -> int:
                 _failed(job, exc)
                 continue
             log.warning("Job %s had committed; its results are now distributed.", job.pk)
+        elif job.kind == Job.PROCESS:
+            _go_on(job, reason)
         else:
-            _interrupt(job)
+            _interrupt(job, reason)
         recovered += 1
-    return recovered
+    return recovered + _end_lost_jobs()
 
 
 def _is_dead(job: Job) -> bool:
     if died_on_this_host(job.host, job.pid):
         return True
     last = job.updated or job.started or job.created
-    if job.kind == Job.PROCESS:
-        written = ProgressFile.read(job_folder(current_datacenter(), job))
-        if written:
-            last = max(last, datetime.fromtimestamp(written[1], tz=UTC))
     return timezone.now() - last > timedelta(seconds=settings.DATACENTER_JOB_LEASE)
+
+
+def _go_on(job: Job, reason: str) -> None:
+    """Queue the processing `job`, whose process died, to resume where it stands."""
+    job.refresh_from_db()
+    position = resume_position(job)
+    line = position.line if position else 1
+    resumed = job.result.get("resumed", [])
+    fail_running_task(job.task_id, JobInterrupted, reason)
+    if resumed and resumed[-1]["line"] == line:
+        _interrupt(job, f"{reason} It died before at the same place, after line {line}.")
+        return
+    resumed.append({"line": line, "at": timezone.now().isoformat(), "reason": reason})
+    job.result["resumed"] = resumed
+    if job.dry_run:
+        job.done = 0
+    Job.objects.filter(pk=job.pk).update(
+        status=Job.QUEUED, host="", pid=None, task_id="", done=job.done, result=job.result
+    )
+    _enqueue(job)
+    log.warning("Job %s: %s It is queued to go on after line %s.", job.pk, reason, line)
+
+
+#: A queued job's task is recorded this many seconds after the job at the latest.
+ENQUEUE_SECONDS = 60
+
+
+def _end_lost_jobs() -> int:
+    """End the queued jobs whose task is no longer in the queue (removed in the admin, or
+    never written): no worker would ever start them."""
+    from django.tasks import TaskResultStatus
+    from django_tasks_db.models import DBTaskResult
+
+    queued = Job.objects.filter(
+        status=Job.QUEUED, created__lt=timezone.now() - timedelta(seconds=ENQUEUE_SECONDS)
+    )
+    queued = list(queued.only("pk", "task_id"))
+    waiting = {
+        str(pk)
+        for pk in DBTaskResult.objects.filter(
+            id__in=[job.task_id for job in queued if job.task_id],
+            status__in=[TaskResultStatus.READY, TaskResultStatus.RUNNING],
+        ).values_list("id", flat=True)
+    }
+    lost = 0
+    for job in queued:
+        if job.task_id in waiting:
+            continue
+        job.refresh_from_db()
+        if job.status == Job.QUEUED:
+            _interrupt(job, "Its task is no longer in the queue of the task worker.")
+            lost += 1
+    return lost
 
 
 def _finish_distribution(job: Job) -> None:
@@ -479,26 +586,30 @@ def _finish_distribution(job: Job) -> None:
     job.refresh_from_db()
     job.result = {
         "errors": job.result["errors"],
+        "pending_lines": job.result.get("pending_lines", []),
         "finished_name": os.path.basename(plan.finished_result),
         "pending_name": plan.pending_result and os.path.basename(plan.pending_result),
+        "resumed": job.result.get("resumed", []),
         "recovered": True,
     }
     _end(job, Job.SUCCESS)
 
 
-def _interrupt(job: Job) -> None:
-    reason = f"The process carrying it out (host {job.host or '?'}, process {job.pid}) died."
-    _remove_partial_work(job)
-    if job.kind == Job.PROCESS:
-        reason += " Nothing was changed; start it again."
-    elif job.kind == Job.EXPORT:
-        reason += " No export was written; start it again."
-    elif job.move:
-        reason += (
-            " The storage is still at its old path; the files moved so far are at the new "
-            "one. Relocate to the same path again to move the rest."
-        )
-    StorageLocation.objects.filter(pk=1, relocating=job).update(relocating=None)
+def _interrupt(job: Job, reason: str) -> None:
     job.refresh_from_db()
+    if job.kind == Job.PROCESS and resume_position(job):
+        reason += " The rows up to there are applied; resume the job to process the rest."
+    else:
+        _remove_partial_work(job)
+        if job.kind == Job.PROCESS:
+            reason += " Nothing was changed; start it again."
+        elif job.kind == Job.EXPORT:
+            reason += " No export was written; start it again."
+        elif job.move:
+            reason += (
+                " The storage is still at its old path; the files moved so far are at the new "
+                "one. Relocate to the same path again to move the rest."
+            )
+    StorageLocation.objects.filter(pk=1, relocating=job).update(relocating=None)
     _end(job, Job.INTERRUPTED, error=reason)
     fail_running_task(job.task_id, JobInterrupted, reason)

@@ -1,8 +1,11 @@
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from django.conf import settings
 from django.db import models
 from django.urls import reverse
 
-from .storage import DataCenter
+from .storage import RELOCATING, DataCenter, StorageError
 
 
 class StorageLocation(models.Model):
@@ -58,12 +61,30 @@ def current_datacenter() -> DataCenter:
     return DataCenter(location.path if location else settings.DATACENTER_STORAGE_ROOT)
 
 
+@contextmanager
+def storage_for_writing() -> Iterator[DataCenter]:
+    """The current data center, held against relocation while the block writes into it:
+    refused in words (StorageError) while a relocation is under way, so that no file lands
+    at a place that the site is leaving."""
+    datacenter = current_datacenter()
+    with datacenter.held():
+        location = StorageLocation.objects.filter(pk=1).select_related("relocating").first()
+        if location is not None and (
+            location.path != datacenter.storage
+            or (location.relocating is not None and location.relocating.in_progress)
+        ):
+            raise StorageError(RELOCATING)
+        yield datacenter
+
+
 class WorkerHeartbeat(models.Model):
     """When a task worker (``manage.py task_worker``) last said that it is alive."""
 
     host = models.CharField(max_length=255)
     pid = models.PositiveIntegerField()
     seen = models.DateTimeField()
+    #: The task queues it serves, comma-separated, or "*" for all.
+    queues = models.CharField(max_length=255, default="*")
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["host", "pid"], name="one_row_per_worker")]
@@ -143,6 +164,16 @@ class Job(models.Model):
     @property
     def in_progress(self) -> bool:
         return self.status in self.IN_PROGRESS
+
+    @property
+    def resumable(self) -> bool:
+        """Whether this processing stopped half-way, with rows applied, and can go on."""
+        return (
+            self.status == self.INTERRUPTED
+            and self.kind == self.PROCESS
+            and not self.dry_run
+            and "position" in (self.result or {})
+        )
 
     @property
     def title(self) -> str:

@@ -1,9 +1,10 @@
 """Batch processing: applying a pending CSV file row by row through a processor.
 
-`process_file` runs a pending file through a processor (see `datacenter.processors`) inside
-one database transaction, in batches with one lookup per batch; a row that fails is rolled
-back to its own savepoint and written, with its error, to the new pending file, while the
-good rows are kept. Only after the transaction committed are the result files distributed.
+`process_file` runs a pending file through a processor (see `datacenter.processors`) in
+batches, each with one lookup and committed in a transaction of its own together with the
+position reached (so that a run whose process died resumes there); a row that fails is
+rolled back to its own savepoint and written, with its error, to the new pending file, while
+the good rows are kept. After the last batch the result files are distributed.
 """
 
 import csv
@@ -15,7 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from django.conf import settings
 from django.db import transaction
@@ -51,6 +52,8 @@ class FileBusy(ProcessingError):
 
 #: How many changes of a dry run are kept to be shown (all are counted).
 CHANGES_KEPT = 5000
+#: How many failed rows a position keeps, to be shown (all are in the pending file).
+ERRORS_KEPT = 1000
 
 
 @dataclass
@@ -135,6 +138,45 @@ def get_processor(name: str) -> Processor:
 # Processing a file
 
 
+@dataclass
+class Position:
+    """Where a run stands after its last committed batch: what `resume` needs to go on.
+
+    `line` counts the lines of the file read so far, the header's included; the lengths are
+    those of the output files in bytes; `errors` and `pending_lines` keep the first
+    ERRORS_KEPT failed rows.
+    """
+
+    line: int = 1
+    total: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    finished_length: int = 0
+    pending_length: int = 0
+    next_pending_line: int = 2
+    errors: list = field(default_factory=list)
+    pending_lines: list = field(default_factory=list)
+    #: The file's SHA-256: a run resumes only on the very file it began.
+    sha256: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Position":
+        return cls(**data)
+
+
+class ProcessingStopped(ProcessingError):
+    """Processing stopped half-way for a reason outside the file (the database, the disk):
+    the rows up to `position` are committed, and their outputs are kept in the output folder
+    to resume from there."""
+
+    def __init__(self, message: str, position: Position):
+        super().__init__(message)
+        self.position = position
+
+
 def process_file(
     datacenter: DataCenter,
     filename: str,
@@ -147,72 +189,95 @@ def process_file(
     output_dir: str | None = None,
     on_commit: Callable[[ProcessResult, Distribution], None] | None = None,
     expected_sha256: str = "",
+    checkpoint: Callable[[Position], None] | None = None,
+    resume: Position | None = None,
 ) -> ProcessResult:
     """Process the pending file `filename` with `processor` in `mode` and distribute the
     results (see DataCenter.dist_processed_files).
 
-    With `dry_run`, everything runs in a transaction that is rolled back and no file is
-    written or moved: the result tells which rows would fail. Raises ProcessingError (FileBusy
-    while somebody else processes the file) and FileNotFoundError for a missing file.
+    The rows are applied a batch at a time, each batch in a transaction of its own, so that
+    no other writer waits long behind a large file. The whole file is read once before the
+    first batch: a file that is no readable CSV changes nothing. A key that appears twice
+    in the file fails the second time, wherever the batches end. With `dry_run`, each
+    batch is rolled back and no file is written or moved: the result tells which rows would
+    fail. Raises ProcessingError (FileBusy while somebody else processes the file) and
+    FileNotFoundError for a missing file.
 
     `progress(rows)` is called after each batch. The outputs are written to `output_dir`
-    (a new temporary folder by default), which is removed at the end unless the rows were
-    committed and distributing them failed. `on_commit(result,
-    plan)` is called inside the transaction of the rows, just before it commits, with the
-    plan of the distribution, so that a caller can record in the same commit that the
-    results are ready to distribute (and replay the plan if the process dies).
+    (the caller's, kept; by default a temporary folder, removed unless it holds the outputs
+    of committed rows that were not distributed). `checkpoint(position)` is called inside
+    the transaction of each batch, after the batch's outputs are on disk, so that a caller
+    records the position in the commit of the rows; `resume`, such a position with the same
+    `output_dir`, goes on after it, the outputs cut back to the lengths it recorded. A
+    failure (of the database, say, or the disk) after rows were committed raises
+    ProcessingStopped.
+    `on_commit(result, plan)` is called in a transaction after the last batch, with the plan
+    of the distribution, so that a caller records that the results are ready to distribute
+    (and replays the plan if the process dies).
 
-    With `expected_sha256` (that of a dry run), the file is processed only if it is still
-    the one the dry run checked; ProcessingError if it changed.
+    The SHA-256 of the file is computed under its lock (`result.sha256`). With
+    `expected_sha256` (that of a dry run, or of the run resumed) the file is processed only
+    if it is still that file: ProcessingError if it changed.
     """
     processor, source = _allowed(datacenter, filename, processor, mode, user)
     started = time.monotonic()
     with open(source.path, encoding="utf-8-sig", newline="") as handle, _claimed(handle, source):
         # Under the lock, so that the file checked is the file processed.
-        sha256 = _checked_sha256(handle, expected_sha256) if dry_run or expected_sha256 else ""
+        if resume:
+            expected_sha256 = resume.sha256
+        sha256 = _checked_sha256(handle, expected_sha256, resumed=resume is not None)
+        header = _checked_header(handle, filename, processor, mode, whole=not dry_run)
         reader = csv.reader(handle)
         records = _records(reader, filename)
-        header = next(records, None) or []
-        problems = check_header(processor, header, mode) if header else ["The file is empty."]
-        if problems:
-            raise ProcessingError(" ".join(problems))
-        if dry_run:
-            output_dir = None
-        elif output_dir:
-            os.makedirs(output_dir, exist_ok=True)
-        else:
+        next(records)
+        keys = _Keys(processor, header)
+        if resume:
+            keys.skip(records, reader, resume.line)
+        own_folder = output_dir is None and not dry_run
+        if own_folder:
             output_dir = tempfile.mkdtemp(prefix="datacenter-")
-        committed = distributed = False
+        elif dry_run:
+            output_dir = None
+        run = _Run(processor, mode, header, keys, output_dir, resume, sha256)
+        distributed = False
         try:
-            with transaction.atomic():
-                result = _process_rows(
-                    records, reader, header, processor, mode, output_dir, progress, dry_run
-                )
-                result.sha256 = sha256
-                if dry_run:
-                    transaction.set_rollback(True)
-                else:
-                    plan = datacenter.plan_distribution(
-                        result.failed == 0, source.path, result.pending_file is not None, mode
-                    )
-                    if on_commit:
-                        on_commit(result, plan)
+            with run.outputs():
+                for batch in _batches(records, reader, processor.batch_size):
+                    run.apply(batch, reader.line_num, checkpoint)
+                    if progress:
+                        progress(run.result.total)
+            result = run.result
+            result.sha256 = sha256
             result.seconds = time.monotonic() - started
             if dry_run:
                 return result
-            committed = True
+            plan = datacenter.plan_distribution(
+                result.failed == 0, source.path, result.pending_file is not None, mode
+            )
+            if on_commit:
+                with transaction.atomic():
+                    on_commit(result, plan)
             plan.apply(result.finished_file, result.pending_file)
             distributed = True
             result.finished_file, result.pending_file = plan.finished_result, plan.pending_result
+        except Exception as exc:
+            if not run.position.total or distributed or isinstance(exc, ProcessingError):
+                raise
+            raise ProcessingStopped(
+                f"Processing {filename} stopped after line {run.position.line}: {exc}. The "
+                f"rows up to there are applied; their outputs are kept in {output_dir}.",
+                run.position,
+            ) from exc
         finally:
-            # Committed rows whose distribution failed keep their outputs, to finish it.
-            if output_dir and os.path.isdir(output_dir) and distributed == committed:
-                shutil.rmtree(output_dir)
+            if own_folder and (distributed or not run.position.total):
+                shutil.rmtree(output_dir, ignore_errors=True)
+    resumed = f", resumed after line {resume.line}" if resume else ""
     datacenter.log_action(
         user,
         "processed",
         f"{filename}, {mode} mode, {result.total} lines "
-        f"({result.succeeded} successful / {result.failed} failed), {result.seconds:.3f} s",
+        f"({result.succeeded} successful / {result.failed} failed), {result.seconds:.3f} s"
+        f"{resumed}",
     )
     return result
 
@@ -233,11 +298,7 @@ def check_processing(
     with open(source.path, encoding="utf-8-sig", newline="") as handle:
         if expected_sha256:
             _checked_sha256(handle, expected_sha256)
-        reader = csv.reader(handle)
-        header = next(_records(reader, filename), None) or []
-    problems = check_header(processor, header, mode) if header else ["The file is empty."]
-    if problems:
-        raise ProcessingError(" ".join(problems))
+        _checked_header(handle, filename, processor, mode, whole=False)
     return source
 
 
@@ -278,14 +339,37 @@ def _claimed(handle, source) -> Iterator[None]:
     yield
 
 
-def _checked_sha256(handle, expected: str) -> str:
+def _checked_sha256(handle, expected: str, resumed: bool = False) -> str:
     """The SHA-256 of the open file; ProcessingError when it is not `expected` (if given)."""
     sha256 = sha256_of(handle.fileno())
     if expected and sha256 != expected:
+        if resumed:
+            raise ProcessingError(
+                "The file changed while its processing was stopped, so it cannot be resumed. "
+                "The rows processed before are applied."
+            )
         raise ProcessingError(
             "The file changed after its dry run; check it again. Nothing was processed."
         )
     return sha256
+
+
+def _checked_header(handle, filename, processor, mode, *, whole: bool) -> list[str]:
+    """The header row of the open file, checked for `processor` in `mode`; with `whole`,
+    every record is read too, so that a file that is no readable CSV fails before any row
+    is applied. The file is left at its start."""
+    handle.seek(0)
+    reader = csv.reader(handle)
+    records = _records(reader, filename)
+    header = next(records, None) or []
+    problems = check_header(processor, header, mode) if header else ["The file is empty."]
+    if problems:
+        raise ProcessingError(" ".join(problems))
+    if whole:
+        for _ in records:
+            pass
+    handle.seek(0)
+    return header
 
 
 def _records(reader, filename: str) -> Iterator[list[str]]:
@@ -299,46 +383,161 @@ def _records(reader, filename: str) -> Iterator[list[str]]:
         ) from None
 
 
-def _process_rows(records, reader, header, processor, mode, output_dir, progress, describe):
-    result = ProcessResult()
-    columns = [column.strip() for column in header]
-    keep = [index for index, column in enumerate(columns) if column != ERROR_COLUMN]
-    output_columns = [header[index] for index in keep]
-    with _writers(output_dir, output_columns) as (finished, pending):
-        for batch in _batches(records, reader, processor.batch_size):
-            well_formed = [values for _, values in batch if len(values) == len(columns)]
-            rows = [
-                {columns[i]: restored(values[i].strip()) for i in keep} for values in well_formed
-            ]
-            changes = {} if describe else None
-            errors = processor.apply_batch(rows, mode, changes) if rows else {}
-            good, index = [], 0
-            for line, values in batch:
-                if len(values) != len(columns):
-                    message = (
+class _Keys:
+    """The keys of the rows seen so far: a record appears once in a file, and a row that
+    repeats a key fails, in whichever batch it comes."""
+
+    def __init__(self, processor: Processor, header: list[str]):
+        columns = [column.strip() for column in header]
+        self.width = len(columns)
+        self.names = ", ".join(processor.key_columns)
+        self.indexes = [columns.index(name) for name in processor.key_columns]
+        self.seen = set()
+
+    def repeated(self, values: list[str]) -> str:
+        """Why the row `values` fails as a repetition ("" when it does not)."""
+        if not self.indexes or len(values) != self.width:
+            return ""
+        key = ", ".join(restored(values[index].strip()) for index in self.indexes)
+        if not key.strip(", "):
+            return ""
+        if key in self.seen:
+            return f"{self.names} {key!r} appears more than once in the file."
+        self.seen.add(key)
+        return ""
+
+    def skip(self, records, reader, line: int) -> None:
+        """Read on to `line` of the file, noting the keys of the rows passed."""
+        while reader.line_num < line:
+            values = next(records, None)
+            if values is None:
+                return
+            if values:
+                self.repeated(values)
+
+
+class _Run:
+    """One run through a file: its outputs, its result and its committed position."""
+
+    def __init__(self, processor, mode, header, keys, output_dir, resume, sha256: str):
+        self.processor, self.mode, self.keys, self.output_dir = processor, mode, keys, output_dir
+        self.columns = [column.strip() for column in header]
+        self.keep = [index for index, column in enumerate(self.columns) if column != ERROR_COLUMN]
+        self.output_columns = [header[index] for index in self.keep]
+        self.resume, self.sha256 = resume, sha256
+        self.position = resume or Position(sha256=sha256)
+        p = self.position
+        self.result = ProcessResult(
+            total=p.total,
+            succeeded=p.succeeded,
+            failed=p.failed,
+            errors=list(p.errors),
+            pending_lines=list(p.pending_lines),
+            next_pending_line=p.next_pending_line,
+        )
+        self.finished = self.pending = None
+
+    @contextmanager
+    def outputs(self) -> Iterator[None]:
+        if self.output_dir is None:
+            yield
+            return
+        os.makedirs(self.output_dir, exist_ok=True)
+        paths = [os.path.join(self.output_dir, name) for name in ("finished.csv", "pending.csv")]
+        if self.resume:
+            # What was written after the last commit belongs to rows that were rolled back.
+            os.truncate(paths[0], self.resume.finished_length)
+            os.truncate(paths[1], self.resume.pending_length)
+        mode = "a" if self.resume else "w"
+        with (
+            open(paths[0], mode, encoding="utf-8", newline="") as finished,
+            open(paths[1], mode, encoding="utf-8", newline="") as pending,
+        ):
+            self.finished, self.pending = finished, pending
+            if not self.resume:
+                csv.writer(finished).writerow(self.output_columns)
+                csv.writer(pending).writerow([*self.output_columns, ERROR_COLUMN])
+            yield
+        self.result.finished_file = paths[0]
+        if self.result.failed:
+            self.result.pending_file = paths[1]
+
+    def apply(self, batch, line: int, checkpoint) -> None:
+        """Apply the rows of `batch` (which ends at `line`) in one transaction, with their
+        outputs and position; a dry run's transaction is rolled back."""
+        result, columns, keep = self.result, self.columns, self.keep
+        counts = (result.total, result.succeeded, result.failed, result.next_pending_line)
+        errors_before = len(result.errors)
+        failed, good, rows, positions = [], [], [], []
+        for index, (_, values) in enumerate(batch):
+            if len(values) != len(columns):
+                failed.append(
+                    (
+                        index,
+                        values,
                         f"The row has {counted(len(values), 'field')}, but the header has "
-                        f"{counted(len(columns), 'column')}."
+                        f"{counted(len(columns), 'column')}.",
                     )
-                    _fail(result, pending, values, line, message)
-                    continue
-                if index in errors:
-                    _fail(result, pending, [values[i] for i in keep], line, errors[index])
-                else:
-                    good.append([values[i] for i in keep])
-                    if changes is not None:
-                        _count_change(result, changes.get(index) or Change(0, mode, ""), line)
-                index += 1
-            result.succeeded += len(good)
-            result.total += len(batch)
-            if finished:
-                finished.writerows(good)
-            if progress:
-                progress(result.total)
-    if output_dir:
-        result.finished_file = os.path.join(output_dir, "finished.csv")
-        if result.failed:
-            result.pending_file = os.path.join(output_dir, "pending.csv")
-    return result
+                )
+            elif repeated := self.keys.repeated(values):
+                failed.append((index, [values[i] for i in keep], repeated))
+            else:
+                rows.append({columns[i]: restored(values[i].strip()) for i in keep})
+                positions.append(index)
+        dry_run = self.output_dir is None
+        try:
+            with transaction.atomic():
+                changes = {} if dry_run else None
+                errors = self.processor.apply_batch(rows, self.mode, changes) if rows else {}
+                for number, index in enumerate(positions):
+                    values = [batch[index][1][i] for i in keep]
+                    if number in errors:
+                        failed.append((index, values, errors[number]))
+                    else:
+                        good.append(values)
+                        if changes is not None:
+                            change = changes.get(number) or Change(0, self.mode, "")
+                            _count_change(result, change, batch[index][0])
+                failed.sort(key=lambda failure: failure[0])
+                pending = csv.writer(self.pending) if self.pending else None
+                for index, cells, message in failed:
+                    _fail(result, pending, cells, batch[index][0], message)
+                result.succeeded += len(good)
+                result.total += len(batch)
+                if dry_run:
+                    transaction.set_rollback(True)
+                    return
+                csv.writer(self.finished).writerows(good)
+                position = self._position(line)
+                if checkpoint:
+                    checkpoint(position)
+        except BaseException:
+            result.total, result.succeeded, result.failed, result.next_pending_line = counts
+            del result.errors[errors_before:]
+            del result.pending_lines[errors_before:]
+            raise
+        self.position = position
+
+    def _position(self, line: int) -> Position:
+        """The position after the rows written, which are first made durable."""
+        lengths = []
+        for output in (self.finished, self.pending):
+            output.flush()
+            os.fdatasync(output.fileno())
+            lengths.append(os.fstat(output.fileno()).st_size)
+        result = self.result
+        return Position(
+            line=line,
+            total=result.total,
+            succeeded=result.succeeded,
+            failed=result.failed,
+            finished_length=lengths[0],
+            pending_length=lengths[1],
+            next_pending_line=result.next_pending_line,
+            errors=result.errors[:ERRORS_KEPT],
+            pending_lines=result.pending_lines[:ERRORS_KEPT],
+            sha256=self.sha256,
+        )
 
 
 def _count_change(result: ProcessResult, change: Change, line: int) -> None:
@@ -357,21 +556,6 @@ def _fail(result, pending, cells, line, message) -> None:
         pending.writerow(row)
         # A cell may hold line breaks: the next record starts after them.
         result.next_pending_line += 1 + sum(cell.count("\n") for cell in row)
-
-
-@contextmanager
-def _writers(output_dir, columns):
-    if output_dir is None:
-        yield None, None
-        return
-    with (
-        open(os.path.join(output_dir, "finished.csv"), "w", encoding="utf-8", newline="") as f,
-        open(os.path.join(output_dir, "pending.csv"), "w", encoding="utf-8", newline="") as p,
-    ):
-        finished, pending = csv.writer(f), csv.writer(p)
-        finished.writerow(columns)
-        pending.writerow([*columns, ERROR_COLUMN])
-        yield finished, pending
 
 
 def _batches(records, reader, size: int) -> Iterable[list[tuple[int, list[str]]]]:

@@ -7,11 +7,13 @@ place; an original is removed only after its copy is complete.
 """
 
 import errno
+import fcntl
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 
 from django.dispatch import Signal
@@ -50,6 +52,7 @@ DATA_FOLDERS = {
     EXPORTS_FOLDER: (".csv", ".xlsx"),
 }
 LOG_SUFFIX = ".log"
+RELOCATING = "The storage is being relocated; nothing was changed. Try again when that has ended."
 
 #: Sent after the storage moved, with the keyword arguments datacenter, old_path and new_path.
 storage_moved = Signal()
@@ -308,6 +311,24 @@ class DataCenter:
         self._create_subfolders()
         storage_moved.send(sender=DataCenter, datacenter=self, old_path=old, new_path=new)
         return not_moved
+
+    @contextmanager
+    def held(self, *, exclusive: bool = False) -> Iterator[None]:
+        """Hold the storage against relocation: shared while a file is written into it,
+        exclusively while it is relocated. A shared hold is refused at once while a
+        relocation holds the storage (StorageError); an exclusive one waits for the writes
+        under way. The lock is on the storage folder itself, which a relocation empties but
+        never moves, so it leaves no file behind.
+        """
+        handle = os.open(self.storage, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StorageError(RELOCATING) from None
+            yield
+        finally:
+            os.close(handle)
 
     def set_storage_path(self, path: str, move: bool = False, overwrite: bool = False) -> list:
         """Relocate the storage to `path`; return the names that could not be moved."""

@@ -84,17 +84,22 @@ def save_upload(
     name = safe_filename(filename)
     remove_stale_parts(datacenter)
     _check_name_is_free(datacenter, name)
+    target = os.path.join(datacenter.storage, name)
     with _stored_canonical(datacenter, fileobj, filename, max_size) as (stored, conversion):
         _check_name_is_free(datacenter, name)
-        try:
-            place_new_file(stored, os.path.join(datacenter.storage, name))
-        except FileExistsError:
-            raise UploadError(_name_taken(name, "the pending files")) from None
+
+        def place() -> None:
+            try:
+                place_new_file(stored, target)
+            except FileExistsError:
+                raise UploadError(_name_taken(name, "the pending files")) from None
+
+        _with_record(name, user, place, undo=lambda _: os.unlink(target))
     detail = f"{name} ({conversion})" if conversion else name
     datacenter.log_action(user, "upload", detail)
     file = datacenter.get_file(name)
     file.conversion = conversion
-    _recorded(datacenter, file, user, "uploaded")
+    _notified(datacenter, file, user, "uploaded")
     return file
 
 
@@ -117,27 +122,61 @@ def replace_upload(
     safe_filename(filename)
     remove_stale_parts(datacenter)
     with _stored_canonical(datacenter, fileobj, filename, max_size) as (stored, conversion):
-        try:
-            kept = datacenter.replace_file(name, stored)
-        except StorageError as exc:
-            raise UploadError(str(exc)) from None
+
+        def place() -> str:
+            try:
+                return datacenter.replace_file(name, stored)
+            except StorageError as exc:
+                raise UploadError(str(exc)) from None
+
+        def undo(kept: str) -> None:
+            # The old version goes back in place; the new one is discarded.
+            os.replace(
+                os.path.join(datacenter.deleted_path, kept), os.path.join(datacenter.storage, name)
+            )
+
+        kept = _with_record(name, user, place, undo)
     detail = f" ({conversion})" if conversion else ""
     datacenter.log_action(user, "replace", f"{name}{detail}; old version deleted/{kept}")
     file = datacenter.get_file(name)
     file.conversion = conversion
-    _recorded(datacenter, file, user, "replaced")
+    _notified(datacenter, file, user, "replaced")
     return file, kept
 
 
-def _recorded(datacenter: DataCenter, file: DataCenterFile, user, action: str) -> None:
-    """Record who uploaded `file` and tell the import managers; a program's upload (no
-    user, no database needed) is only logged."""
+#: What a person is told when the database could not record a file in time.
+BUSY = "The site is busy; nothing was stored. Try again in a moment."
+
+
+def _with_record(name: str, user, place, undo):
+    """Call `place()`, which puts the file `name` in place, in one step with the record of
+    who uploaded it: if the record cannot be written, `undo(what place returned)` takes the
+    file away again and UploadError says so. A program's upload (no user) has no record."""
     if user is None:
-        return
+        return place()
+    from django.db import DatabaseError, transaction
+
     from .models import Upload
 
-    Upload.objects.update_or_create(name=file.name, defaults={"uploaded_by": user})
-    notify_upload(datacenter, file, user, action)
+    placed, result = False, None
+    try:
+        # The transaction begins by taking the database's write lock (SQLite: IMMEDIATE),
+        # so a busy database mostly fails here, before the file is placed.
+        with transaction.atomic():
+            Upload.objects.update_or_create(name=name, defaults={"uploaded_by": user})
+            result, placed = place(), True
+    except DatabaseError:
+        if placed:
+            undo(result)
+        raise UploadError(BUSY) from None
+    return result
+
+
+def _notified(datacenter: DataCenter, file: DataCenterFile, user, action: str) -> None:
+    """Tell the import managers of an upload by a person (a mail that cannot be sent is
+    logged, never fails the upload)."""
+    if user is not None:
+        notify_upload(datacenter, file, user, action)
 
 
 @contextlib.contextmanager

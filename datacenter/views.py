@@ -15,11 +15,12 @@ from . import editing, exports, health, jobs
 from .exports import ExportError
 from .forms import LogSearchForm, ProcessForm, RelocateForm, ReplaceForm, UploadForm
 from .limits import check_site_storage_path
-from .models import Job, Upload, current_datacenter
+from .models import Job, Upload, current_datacenter, storage_for_writing
 from .paging import paginate
 from .processing import ProcessingError, counted, mode_of_pending_file, processors
 from .reach import reads_pending_files, works_on_pending_files
 from .storage import EXPORTS_FOLDER, StorageError, read_csv_preview
+from .tasks import JOBS_QUEUE
 from .uploads import UploadError, replace_upload, save_upload
 
 PREVIEW_ROWS = 20
@@ -101,8 +102,9 @@ def upload(request):
     if request.method == "POST" and form.is_valid():
         uploaded = form.cleaned_data["file"]
         try:
-            stored = save_upload(current_datacenter(), uploaded, uploaded.name, user=request.user)
-        except UploadError as exc:
+            with storage_for_writing() as datacenter:
+                stored = save_upload(datacenter, uploaded, uploaded.name, user=request.user)
+        except (UploadError, StorageError) as exc:
             form.add_error("file", str(exc))
         else:
             converted = f" ({stored.conversion})" if stored.conversion else ""
@@ -145,7 +147,13 @@ def delete(request, name):
     datacenter = current_datacenter()
     file = datacenter.get_file(name)
     if request.method == "POST":
-        deleted_as = datacenter.delete_file(file.name)
+        try:
+            jobs.check_file_free(file.name)
+            with storage_for_writing() as datacenter:
+                deleted_as = datacenter.delete_file(file.name)
+        except StorageError as exc:
+            messages.error(request, str(exc))
+            return redirect("datacenter:pending")
         datacenter.log_action(request.user, "delete", f"{file.name} -> deleted/{deleted_as}")
         messages.success(request, f"Deleted {file.name}; it was kept as deleted/{deleted_as}.")
         return redirect("datacenter:pending")
@@ -198,9 +206,18 @@ def job(request, pk):
         raise Http404("No such job.") from None
     if job.user_id != request.user.pk and not request.user.has_perm("datacenter.view_files"):
         raise PermissionDenied
-    context = {"job": job, "done": jobs.live_progress(job)}
+    if request.method == "POST" and request.POST.get("action") == "resume":
+        try:
+            job = jobs.resume_job(job, request.user)
+        except ProcessingError as exc:
+            messages.error(request, str(exc))
+        return redirect(job)
+    context = {"job": job, "done": job.done}
     if job.in_progress:
-        context["worker"] = health.worker_status()
+        context["worker"] = health.worker_status(JOBS_QUEUE)
+    context["can_resume"] = request.user.has_perm("datacenter.process_files") and (
+        job.user_id == request.user.pk or request.user.is_superuser
+    )
     result = job.result or {}
     # Each failed row with the line where the row editor shows it, once it is pending.
     lines = result.get("pending_lines", [])
@@ -242,8 +259,10 @@ def edit(request, name):
     error = None
     if request.method == "POST":
         try:
-            saved = editing.save_corrections(datacenter, file, request.POST, user=request.user)
-        except editing.EditError as exc:
+            jobs.check_file_free(name)
+            with storage_for_writing() as datacenter:
+                saved = editing.save_corrections(datacenter, file, request.POST, user=request.user)
+        except (editing.EditError, StorageError) as exc:
             error = str(exc)
         else:
             messages.success(request, saved.message)
@@ -262,10 +281,12 @@ def replace(request, name):
     form = ReplaceForm(request.POST or None, request.FILES or None)
     if request.method == "POST" and form.is_valid():
         try:
-            stored, kept = replace_upload(
-                datacenter, form.cleaned_data["file"], name, user=request.user
-            )
-        except UploadError as exc:
+            jobs.check_file_free(name)
+            with storage_for_writing() as datacenter:
+                stored, kept = replace_upload(
+                    datacenter, form.cleaned_data["file"], name, user=request.user
+                )
+        except (UploadError, StorageError) as exc:
             form.add_error("file", str(exc))
         else:
             converted = f" ({stored.conversion})" if stored.conversion else ""

@@ -135,6 +135,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.LoginRequiredMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "datacenter.busy.BusyDatabaseMiddleware",
     # Last, as django-axes asks: it answers a locked-out login with its own page.
     "axes.middleware.AxesMiddleware",
 ]
@@ -242,14 +243,21 @@ DATACENTER_JOB_LEASE = env_int("DATACENTER_JOB_LEASE", 600)
 # Batch processors offered for pending files (dotted paths of Processor classes).
 DATACENTER_PROCESSORS = ["datacenter.processing.UserProcessor"]
 
-# The CDS import: runs go to a database-backed task queue served by "manage.py db_worker";
-# a run's claim on its source expires after this many seconds without progress.
-TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend"}}
+# Background work goes to a database-backed task queue. Each kind of work has a queue of its
+# own (datacenter.health.QUEUES), served by its own "manage.py task_worker --queue-name
+# NAME", so that a CDS run never waits behind a long job.
+TASKS = {
+    "default": {
+        "BACKEND": "django_tasks_db.DatabaseBackend",
+        "QUEUES": ["datacenter", "imports"],
+    }
+}
+# A CDS run's claim on its source expires after this many seconds without progress.
 CDS_CLAIM_LEASE = env_int("CDS_CLAIM_LEASE", 600)
 # "manage.py task_worker" records that it is alive this often; /healthz calls a worker
 # stale when none did for DATACENTER_WORKER_STALE seconds.
-WORKER_HEARTBEAT_SECONDS = 15
-DATACENTER_WORKER_STALE = env_int("DATACENTER_WORKER_STALE", 120)
+WORKER_HEARTBEAT_SECONDS = 5
+DATACENTER_WORKER_STALE = env_int("DATACENTER_WORKER_STALE", 20)
 
 # E-mail: the console by default (see mailer_from_env). Links in mails point to
 # DATACENTER_SITE_URL, since cron has no request to take the address from.

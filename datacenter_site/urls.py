@@ -3,6 +3,8 @@ from django.urls import include, path
 
 from datacenter.views import healthz, home
 
+handler500 = "datacenter.busy.server_error"
+
 urlpatterns = [
     path("", home, name="home"),
     path("healthz", healthz, name="healthz"),

@@ -11,6 +11,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
+from datacenter import health
 from datacenter.paging import paginate
 
 from .charts import CHART_DAYS, daily_bars
@@ -18,6 +19,7 @@ from .forms import OutgoingFileForm
 from .models import CdsSource, ImportRun
 from .runs import enqueue_import, interrupt_dead_runs
 from .spool import FileStore
+from .tasks import RUNS_QUEUE
 
 # The folders of a source's spool page: the import's, and the outgoing spool's.
 SPOOL_FOLDERS = {
@@ -133,6 +135,8 @@ def run(request, pk):
         "entries": run.log_entries.all(),
         "file_records": run.file_records.all(),
     }
+    if run.status == ImportRun.QUEUED:
+        context["worker"] = health.worker_status(RUNS_QUEUE)
     return render(request, "imports/run.html", context)
 
 

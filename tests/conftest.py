@@ -232,7 +232,7 @@ def run_worker() -> None:
     """Carry out the queued tasks in this process, as the task worker would."""
     from django.core.management import call_command
 
-    call_command("db_worker", "--batch", "--no-startup-delay", "--no-reload")
+    call_command("db_worker", "--batch", "--no-startup-delay", "--no-reload", "--queue-name", "*")
 
 
 def wait_for(condition, process: subprocess.Popen | None = None, timeout: float = 60) -> None:

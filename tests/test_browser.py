@@ -167,7 +167,7 @@ def test_run_an_import_from_the_overview_and_watch_it_complete(page, clerk, sour
     expect(page.locator("#run-status")).to_have_text("queued")
 
     # The worker that the README's serve command starts beside the web server.
-    call_command("db_worker", "--batch", "--no-startup-delay", "--no-reload")
+    call_command("db_worker", "--batch", "--no-startup-delay", "--no-reload", "--queue-name", "*")
 
     expect(page.locator("#run-status")).to_have_text("success")
     expect(page.locator("#run-log")).to_contain_text("Moved from 'tmp' to 'new': story.xml")

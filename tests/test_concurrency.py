@@ -68,7 +68,10 @@ def test_workers_and_cron_at_one_source_deliver_every_file_once(start_ftp_server
     server.put("large.bin", large)
     source = make_source(server, spool)
     first = enqueue_import(source, trigger="page")
-    workers = [manage("db_worker", "--no-reload", "--interval", "0.1") for _ in range(3)]
+    workers = [
+        manage("task_worker", "--no-reload", "--interval", "0.1", "--queue-name", "imports")
+        for _ in range(3)
+    ]
     by_pid = {worker.pid: worker for worker in workers}
 
     # SIGKILL the worker that carries the first run, inside the large file.

@@ -107,7 +107,7 @@ def test_run_now_queues_a_run_for_the_worker(
     assert (run.status, run.trigger, run.user) == ("queued", "page", operator)
     page = operator_client.get(run.get_absolute_url())
     assert b'http-equiv="refresh"' in page.content
-    call_command("db_worker", "--batch", "--no-startup-delay", "--no-reload")
+    call_command("db_worker", "--batch", "--no-startup-delay", "--no-reload", "--queue-name", "*")
     page = operator_client.get(run.get_absolute_url())
     assert b'http-equiv="refresh"' not in page.content
     assert b"Exiting with success." in page.content
@@ -238,7 +238,7 @@ def test_a_failed_run_says_why_in_one_sentence_and_its_task_fails_too(
     CdsSource.objects.filter(pk=source.pk).update(password="wrong")
     with django_capture_on_commit_callbacks(execute=True):
         operator_client.post(reverse("imports:run_now", kwargs={"name": "partner"}))
-    call_command("db_worker", "--batch", "--no-startup-delay", "--no-reload")
+    call_command("db_worker", "--batch", "--no-startup-delay", "--no-reload", "--queue-name", "*")
 
     run = ImportRun.objects.get()
     staff = operator_client.get(run.get_absolute_url()).content.decode()

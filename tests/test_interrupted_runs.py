@@ -88,7 +88,9 @@ def test_a_killed_worker_leaves_no_run_or_task_running(slow_server, slow_source,
     run = enqueue_import(slow_source, trigger="page")
     run.refresh_from_db()
     assert run.task_id
-    worker = start_manage("db_worker", "--no-reload", "--interval", "0.1")
+    worker = start_manage(
+        "task_worker", "--no-reload", "--interval", "0.1", "--queue-name", "imports"
+    )
     kill_during_the_large_file(worker, spool)
     task = DBTaskResult.objects.get(id=run.task_id)
     assert task.status == TaskResultStatus.RUNNING

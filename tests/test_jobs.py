@@ -113,7 +113,7 @@ def test_a_small_file_is_processed_at_once_and_a_large_one_by_the_worker(
     job = Job.objects.get(file_name="large.csv")
     assert (job.status, len(queued)) == (Job.QUEUED, 1)
     page = client.get(large.url)
-    assert b"No task worker has been heard from" in page.content
+    assert "No task worker for the data center's jobs has been heard from" in page.content.decode()
     assert b'http-equiv="refresh"' in page.content
     assert small.url != large.url
 

@@ -47,25 +47,30 @@ def test_the_health_check_needs_no_login_and_reports_each_part(client):
     assert response.status_code == 200
     report = response.json()
     assert (report["status"], report["database"], report["storage"]) == ("ok", "ok", "ok")
-    assert report["worker"]["status"] == "ok"
-    assert report["worker"]["age_seconds"] < 60
+    assert report["workers"]["datacenter"]["status"] == "ok"
+    assert report["workers"]["imports"]["age_seconds"] < 60
     assert response["Cache-Control"].startswith("max-age=0")
 
 
 def test_a_worker_not_heard_from_degrades_the_check_without_failing_it(client, settings):
-    assert client.get(reverse("healthz")).json()["worker"]["status"] == "never seen"
+    workers = client.get(reverse("healthz")).json()["workers"]
+    assert workers["datacenter"]["status"] == workers["imports"]["status"] == "never seen"
 
     WorkerHeartbeat.objects.create(
         host="elsewhere",
         pid=1,
+        queues="datacenter",
         seen=timezone.now() - timedelta(seconds=settings.DATACENTER_WORKER_STALE + 1),
     )
+    WorkerHeartbeat.objects.create(host="elsewhere", pid=2, queues="imports", seen=timezone.now())
     response = client.get(reverse("healthz"))
 
     assert response.status_code == 200
-    assert (response.json()["status"], response.json()["worker"]["status"]) == (
-        "degraded",
+    report = response.json()
+    assert report["status"] == "degraded"
+    assert (report["workers"]["datacenter"]["status"], report["workers"]["imports"]["status"]) == (
         "stale",
+        "ok",
     )
 
 
@@ -82,16 +87,40 @@ def test_a_storage_that_cannot_be_written_fails_the_check(client, settings, tmp_
 
 
 @pytest.mark.django_db(transaction=True)
-def test_the_task_worker_records_its_heartbeat():
+def test_the_task_worker_records_its_heartbeat_and_forgets_it_when_it_stops(client):
     worker = start_manage("task_worker", "--no-reload", "--interval", "0.1")
     try:
         wait_for(lambda: WorkerHeartbeat.objects.filter(pid=worker.pid).exists(), worker, 30)
+        assert WorkerHeartbeat.objects.get(pid=worker.pid).queues == "*"
+        assert client.get(reverse("healthz")).json()["status"] == "ok"
     finally:
         worker.terminate()
         worker.wait()
-    assert timezone.now() - WorkerHeartbeat.objects.get(pid=worker.pid).seen < timedelta(
-        seconds=30
-    )
+    assert not WorkerHeartbeat.objects.filter(pid=worker.pid).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_killed_worker_is_reported_at_once_for_its_own_queue(client):
+    workers = {
+        queue: start_manage("task_worker", "--no-reload", "--queue-name", queue)
+        for queue in ("datacenter", "imports")
+    }
+    try:
+        for worker in workers.values():
+            wait_for(lambda pid=worker.pid: WorkerHeartbeat.objects.filter(pid=pid).exists())
+        assert client.get(reverse("healthz")).json()["status"] == "ok"
+
+        workers["datacenter"].kill()
+        workers["datacenter"].wait()
+
+        report = client.get(reverse("healthz")).json()
+        assert report["status"] == "degraded"
+        assert report["workers"]["datacenter"]["status"] == "stale"
+        assert report["workers"]["imports"]["status"] == "ok"
+    finally:
+        for worker in workers.values():
+            worker.kill()
+            worker.wait()
 
 
 @pytest.mark.django_db(transaction=True)

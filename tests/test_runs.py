@@ -163,7 +163,7 @@ def test_admin_action_queues_a_run_that_the_worker_carries_out(
     assert "Queued 1 import run(s)" in response.content.decode()
     run = ImportRun.objects.get()
     assert (run.status, run.trigger) == ("queued", "admin")
-    call_command("db_worker", "--batch", "--no-startup-delay", "--no-reload")
+    call_command("db_worker", "--batch", "--no-startup-delay", "--no-reload", "--queue-name", "*")
     run.refresh_from_db()
     assert (run.status, run.files) == ("success", 1)
     assert (Path(source.spool_dir) / "new" / "a.xml").exists()

@@ -485,10 +485,13 @@ class _Run:
                 rows.append({columns[i]: restored(values[i].strip()) for i in keep})
                 positions.append(index)
         dry_run = self.output_dir is None
+        changes = {} if dry_run else None
+        # Planning only reads: the transaction, and so the database's write lock, is held
+        # for the writing alone.
+        plan = self.processor.plan_batch(rows, self.mode, changes) if rows else None
         try:
             with transaction.atomic():
-                changes = {} if dry_run else None
-                errors = self.processor.apply_batch(rows, self.mode, changes) if rows else {}
+                errors = self.processor.write_batch(plan, self.mode, changes) if rows else {}
                 for number, index in enumerate(positions):
                     values = [batch[index][1][i] for i in keep]
                     if number in errors:

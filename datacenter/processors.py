@@ -82,8 +82,19 @@ class Processor:
         Given a dict `changes`, also describe what each row that works does, as a Change
         (without its line) by index in `rows`.
         """
+        plan = self.plan_batch(rows, mode, changes)
+        return self.write_batch(plan, mode, changes)
+
+    def plan_batch(self, rows: list[dict[str, str]], mode: str, changes: dict | None = None):
+        """What write_batch() is to write of `rows`, found by reading only, so that it can
+        run outside the transaction that writes (which then holds the database briefly).
+        A processor that cannot tell before writing plans the rows themselves."""
+        return rows
+
+    def write_batch(self, plan, mode: str, changes: dict | None = None) -> dict[int, str]:
+        """Write what plan_batch() planned; return the errors by index in the rows."""
         errors = {}
-        for index, row in enumerate(rows):
+        for index, row in enumerate(plan):
             try:
                 with transaction.atomic():
                     self.apply_row(row, mode)
@@ -138,7 +149,7 @@ class ModelProcessor(Processor):
         related ids it sets, by field.
         """
 
-    def apply_batch(self, rows, mode, changes=None):
+    def plan_batch(self, rows, mode, changes=None):
         existing = self.model._default_manager.in_bulk(
             {row[self.key] for row in rows if row[self.key]}, field_name=self.key
         )
@@ -160,6 +171,13 @@ class ModelProcessor(Processor):
                     changes[index] = self._change(
                         row, mode, before, planned[-1], labels, old_related
                     )
+        return errors, planned
+
+    def write_batch(self, plan, mode, changes=None):
+        """Write the planned rows in one bulk write; when the database refuses it (a record
+        changed since it was planned, say), row by row, each in its own savepoint."""
+        errors, planned = plan
+        errors = dict(errors)
         try:
             with transaction.atomic():
                 self._write(planned, mode)

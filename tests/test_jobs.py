@@ -155,28 +155,6 @@ def share_storage(datacenter):
     StorageLocation.objects.update_or_create(pk=1, defaults={"path": datacenter.storage})
 
 
-@pytest.mark.django_db(transaction=True)
-def test_a_worker_killed_while_processing_leaves_everything_as_it_was(datacenter, manager):
-    share_storage(datacenter)
-    users_file(datacenter, "big.csv", 40_000)
-    before = tree(datacenter.storage)
-    job = jobs.start_processing(
-        name="big.csv", processor="users", mode="create", dry_run=False, user=manager
-    )
-    worker = start_manage("task_worker", "--no-reload", "--interval", "0.1")
-
-    kill_when(worker, lambda: jobs.live_progress(Job.objects.get(pk=job.pk)) > 0)
-    assert Job.objects.get(pk=job.pk).status == Job.RUNNING
-    jobs.recover_jobs()
-
-    job.refresh_from_db()
-    assert job.status == Job.INTERRUPTED
-    assert "died" in job.error and "Nothing was changed" in job.error
-    assert not User.objects.filter(username__startswith="user").exists()
-    assert tree(datacenter.storage) == before  # no outputs left behind either
-    assert not os.listdir(os.path.join(datacenter.storage, ".jobs"))
-
-
 KILL_BEFORE_DISTRIBUTING = """
 import os, signal
 from datacenter import jobs

@@ -20,6 +20,8 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 from django.conf import settings
@@ -31,11 +33,12 @@ from django.utils import timezone
 from . import exports
 from .exports import ExportError
 from .limits import check_site_storage_path
-from .models import Job, StorageLocation, current_datacenter
+from .models import Job, StorageLocation, current_datacenter, storage_for_writing
 from .processes import HOST, died_on_this_host, fail_running_task
 from .processing import (
     CHANGES_KEPT,
     ERRORS_KEPT,
+    FileChanged,
     Position,
     ProcessingError,
     ProcessingStopped,
@@ -196,16 +199,31 @@ def resume_job(job: Job, user) -> Job:
         raise ProcessingError(
             f"Job #{job.pk} has not stopped half-way; there is nothing to resume."
         )
-    if not user.has_perm("datacenter.process_files") or (
-        job.user_id != user.pk and not user.is_superuser
-    ):
+    if not may_resume(job, user):
         raise ProcessingError("Only the person who started the job, or a superuser, resumes it.")
     if Job.objects.filter(pk=job.pk, status=Job.INTERRUPTED).update(
-        status=Job.QUEUED, error="", finished=None, host="", pid=None
+        status=Job.QUEUED, error="", finished=None, host="", pid=None, updated=timezone.now()
     ):
         _enqueue(job)
     job.refresh_from_db()
     return job
+
+
+def may_resume(job: Job, user) -> bool:
+    """Whether `user` may resume `job`: the person who started it, and a superuser, who may
+    process files."""
+    return user.has_perm("datacenter.process_files") and (
+        job.user_id == user.pk or user.is_superuser
+    )
+
+
+@contextmanager
+def changing_pending_file(name: str) -> Iterator[DataCenter]:
+    """The data center, held for changing (replacing, editing, deleting) the pending file
+    `name`: StorageError while a job needs the file as it is, or a relocation is under way."""
+    check_file_free(name)
+    with storage_for_writing() as datacenter:
+        yield datacenter
 
 
 def check_file_free(name: str) -> None:
@@ -247,7 +265,7 @@ def run_job(job: Job) -> Job:
     try:
         {Job.PROCESS: _process, Job.RELOCATE: _relocate, Job.EXPORT: _export}[job.kind](job)
     except Exception as exc:
-        if not isinstance(exc, EXPECTED_ERRORS):
+        if not isinstance(exc, EXPECTED_ERRORS) or isinstance(exc, ProcessingStopped):
             log.exception("Job %s failed.", job.pk)
         _failed(job, exc)
     return job
@@ -267,6 +285,16 @@ def _failed(job: Job, exc: Exception) -> None:
         Job.objects.filter(pk=job.pk).update(pid=None, error=f"Distributing failed: {message}")
         return
     position = resume_position(job)
+    if isinstance(exc, FileChanged):
+        # The outputs of the rows applied stay, for staff to see what was done.
+        outputs = os.path.join(JOBS_FOLDER, str(job.pk), "outputs")
+        _end(
+            job,
+            Job.FAILED,
+            error=f"{message} The rows up to line {position.line} are applied; their finished "
+            f"and failed rows are kept in the storage's {outputs} folder.",
+        )
+        return
     if position is not None:
         # Rows are committed: the outputs and the position stay, to go on from there.
         cause = exc.__cause__ if isinstance(exc, ProcessingStopped) else exc
@@ -540,7 +568,13 @@ def _go_on(job: Job, reason: str) -> None:
     if job.dry_run:
         job.done = 0
     Job.objects.filter(pk=job.pk).update(
-        status=Job.QUEUED, host="", pid=None, task_id="", done=job.done, result=job.result
+        status=Job.QUEUED,
+        host="",
+        pid=None,
+        task_id="",
+        done=job.done,
+        result=job.result,
+        updated=timezone.now(),
     )
     _enqueue(job)
     log.warning("Job %s: %s It is queued to go on after line %s.", job.pk, reason, line)
@@ -556,8 +590,9 @@ def _end_lost_jobs() -> int:
     from django.tasks import TaskResultStatus
     from django_tasks_db.models import DBTaskResult
 
-    queued = Job.objects.filter(
-        status=Job.QUEUED, created__lt=timezone.now() - timedelta(seconds=ENQUEUE_SECONDS)
+    # Queued, or queued again (resumed), at least that long ago.
+    queued = Job.objects.alias(since=Coalesce("updated", "created")).filter(
+        status=Job.QUEUED, since__lt=timezone.now() - timedelta(seconds=ENQUEUE_SECONDS)
     )
     queued = list(queued.only("pk", "task_id"))
     waiting = {

@@ -50,6 +50,10 @@ class FileBusy(ProcessingError):
     """Somebody else is processing the file right now."""
 
 
+class FileChanged(ProcessingError):
+    """The file of a run to resume is no longer the file it began."""
+
+
 #: How many changes of a dry run are kept to be shown (all are counted).
 CHANGES_KEPT = 5000
 #: How many failed rows a position keeps, to be shown (all are in the pending file).
@@ -344,9 +348,8 @@ def _checked_sha256(handle, expected: str, resumed: bool = False) -> str:
     sha256 = sha256_of(handle.fileno())
     if expected and sha256 != expected:
         if resumed:
-            raise ProcessingError(
-                "The file changed while its processing was stopped, so it cannot be resumed. "
-                "The rows processed before are applied."
+            raise FileChanged(
+                "The file changed while its processing was stopped, so the job cannot go on."
             )
         raise ProcessingError(
             "The file changed after its dry run; check it again. Nothing was processed."

@@ -74,25 +74,19 @@ class Processor:
         """Apply one row; raise RowError with a message for staff when it cannot be."""
         raise NotImplementedError
 
-    def apply_batch(
-        self, rows: list[dict[str, str]], mode: str, changes: dict | None = None
-    ) -> dict[int, str]:
-        """Apply `rows`, each in its own savepoint; return the errors by index in `rows`.
-
-        Given a dict `changes`, also describe what each row that works does, as a Change
-        (without its line) by index in `rows`.
-        """
-        plan = self.plan_batch(rows, mode, changes)
-        return self.write_batch(plan, mode, changes)
-
     def plan_batch(self, rows: list[dict[str, str]], mode: str, changes: dict | None = None):
-        """What write_batch() is to write of `rows`, found by reading only, so that it can
-        run outside the transaction that writes (which then holds the database briefly).
-        A processor that cannot tell before writing plans the rows themselves."""
+        """What write_batch() is to write of `rows`, found by reading only, so that it runs
+        outside the transaction that writes (which then holds the database briefly). A
+        processor that cannot tell before writing plans the rows themselves.
+
+        Given a dict `changes`, plan_batch() or write_batch() describes what each row that
+        works does, as a Change (without its line) by index in `rows`.
+        """
         return rows
 
     def write_batch(self, plan, mode: str, changes: dict | None = None) -> dict[int, str]:
-        """Write what plan_batch() planned; return the errors by index in the rows."""
+        """Write what plan_batch() planned, each row in its own savepoint; return the errors
+        by index in the rows."""
         errors = {}
         for index, row in enumerate(plan):
             try:
@@ -343,9 +337,8 @@ class ModelProcessor(Processor):
             if changed:
                 self._update(instances, changed)
         for name in self.related_by:
-            self._write_related(
-                name, [(i, many[name]) for _, i, _, many in planned if name in many]
-            )
+            pairs = [(i, many[name]) for _, i, _, many in planned if name in many]
+            self._write_related(name, pairs, created=mode == "create")
 
     def _update(self, instances, attnames) -> None:
         """UPDATE the columns `attnames` of `instances`: one statement run for each of them.
@@ -371,11 +364,14 @@ class ModelProcessor(Processor):
         with connection.cursor() as cursor:
             cursor.executemany(sql, params)
 
-    def _write_related(self, name, pairs) -> None:
+    def _write_related(self, name, pairs, created: bool) -> None:
         field = self.model._meta.get_field(name)
         through = field.remote_field.through
         source, target = f"{field.m2m_field_name()}_id", f"{field.m2m_reverse_field_name()}_id"
-        through.objects.filter(**{f"{source}__in": [i.pk for i, _ in pairs]}).delete()
+        if not created:
+            # New records have no related objects to replace; asking costs a search of the
+            # whole table where the database's statistics lag behind a table grown fast.
+            through.objects.filter(**{f"{source}__in": [i.pk for i, _ in pairs]}).delete()
         through.objects.bulk_create(
             through(**{source: instance.pk, target: pk}) for instance, pks in pairs for pk in pks
         )

@@ -148,8 +148,7 @@ def delete(request, name):
     file = datacenter.get_file(name)
     if request.method == "POST":
         try:
-            jobs.check_file_free(file.name)
-            with storage_for_writing() as datacenter:
+            with jobs.changing_pending_file(file.name) as datacenter:
                 deleted_as = datacenter.delete_file(file.name)
         except StorageError as exc:
             messages.error(request, str(exc))
@@ -215,9 +214,7 @@ def job(request, pk):
     context = {"job": job, "done": job.done}
     if job.in_progress:
         context["worker"] = health.worker_status(JOBS_QUEUE)
-    context["can_resume"] = request.user.has_perm("datacenter.process_files") and (
-        job.user_id == request.user.pk or request.user.is_superuser
-    )
+    context["can_resume"] = jobs.may_resume(job, request.user)
     result = job.result or {}
     # Each failed row with the line where the row editor shows it, once it is pending.
     lines = result.get("pending_lines", [])
@@ -259,8 +256,7 @@ def edit(request, name):
     error = None
     if request.method == "POST":
         try:
-            jobs.check_file_free(name)
-            with storage_for_writing() as datacenter:
+            with jobs.changing_pending_file(name) as datacenter:
                 saved = editing.save_corrections(datacenter, file, request.POST, user=request.user)
         except (editing.EditError, StorageError) as exc:
             error = str(exc)
@@ -281,8 +277,7 @@ def replace(request, name):
     form = ReplaceForm(request.POST or None, request.FILES or None)
     if request.method == "POST" and form.is_valid():
         try:
-            jobs.check_file_free(name)
-            with storage_for_writing() as datacenter:
+            with jobs.changing_pending_file(name) as datacenter:
                 stored, kept = replace_upload(
                     datacenter, form.cleaned_data["file"], name, user=request.user
                 )

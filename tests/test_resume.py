@@ -102,7 +102,9 @@ def start_worker():
     return start_manage("task_worker", "--no-reload", "--interval", "0.1", "--queue-name", "*")
 
 
-def test_a_job_killed_at_random_points_goes_on_and_ends_as_an_uninterrupted_run(shared, manager):
+def test_a_job_killed_at_random_points_goes_on_and_ends_as_an_uninterrupted_run(
+    shared, manager, client
+):
     clean = process_in_this_process(shared, manager)
     assert 90_000 < len(clean["accounts"]) < ROWS
     User.objects.filter(username__startswith="user").delete()
@@ -132,6 +134,10 @@ def test_a_job_killed_at_random_points_goes_on_and_ends_as_an_uninterrupted_run(
     assert outcome(shared) == clean, f"killed when {kills} rows were done"
     assert [resumed["line"] > 1 for resumed in job.result["resumed"]] == [True, True]
     assert (job.done, job.succeeded) == (ROWS, len(clean["accounts"]))
+    client.force_login(manager)
+    page = client.get(job.get_absolute_url()).content.decode()
+    for resumed in job.result["resumed"]:
+        assert f"The job went on after line {resumed['line']}," in page
 
 
 def test_a_dry_run_whose_process_died_runs_again(shared, manager, client):
@@ -238,26 +244,31 @@ def test_uploads_during_a_long_job_all_succeed(shared, manager, client):
     assert Upload.objects.filter(name__startswith="more").count() == 10
 
 
-def test_a_job_stopped_by_a_full_disk_keeps_its_rows_and_is_resumed_from_its_page(
-    manager, client, small_filesystem, settings
-):
+def stopped_by_a_full_disk(small_filesystem, manager, settings, rows: int):
+    """A job on a storage whose disk fills up half-way, and the filler to free it again."""
     storage = small_filesystem("3m")
     StorageLocation.objects.update_or_create(pk=1, defaults={"path": str(storage)})
     Group.objects.get_or_create(name="staff")
     settings.DATACENTER_RUN_AT_ONCE_SIZE = 0
-    data = users_file(20_000)
+    data = users_file(rows)
     write(storage / "people.csv", data)
     filler = write(storage / "filler.bin", b"\0" * (3 * 1024 * 1024 - 2 * len(data)))
     job = jobs.start_processing(
         name="people.csv", processor="users", mode="create", dry_run=False, user=manager
     )
     run_worker()
-
     job.refresh_from_db()
     assert job.status == Job.INTERRUPTED and job.resumable, job.error
+    assert 0 < len(accounts()) == job.succeeded < rows
+    return storage, job, filler
+
+
+def test_a_job_stopped_by_a_full_disk_keeps_its_rows_and_is_resumed_from_its_page(
+    manager, client, small_filesystem, settings
+):
+    storage, job, filler = stopped_by_a_full_disk(small_filesystem, manager, settings, 20_000)
+    assert "No space left on device" in job.error
     assert "resume the job to process the rest" in job.error
-    applied = len(accounts())
-    assert 0 < applied < 20_000 and applied == job.succeeded
     client.force_login(manager)
     replace = client.post(
         reverse("datacenter:replace", kwargs={"name": "people.csv"}),
@@ -278,6 +289,47 @@ def test_a_job_stopped_by_a_full_disk_keeps_its_rows_and_is_resumed_from_its_pag
         assert len(list(csv.reader(handle))) == 1 + job.failed
 
 
+def test_a_stopped_job_whose_file_was_changed_behind_the_site_keeps_what_it_did(
+    manager, client, small_filesystem, settings
+):
+    storage, job, filler = stopped_by_a_full_disk(small_filesystem, manager, settings, 10_000)
+    os.unlink(filler)
+    write(storage / "people.csv", HEADER + "someone,someone@example.org,Some,1,staff\n")
+    client.force_login(manager)
+    client.post(job.get_absolute_url(), {"action": "resume"})
+    run_worker()
+
+    job.refresh_from_db()
+    assert job.status == Job.FAILED
+    assert "The file changed while its processing was stopped" in job.error
+    outputs = storage / ".jobs" / str(job.pk) / "outputs"
+    assert f".jobs/{job.pk}/outputs" in job.error
+    with open(outputs / "finished.csv", newline="") as handle:
+        assert len(list(csv.reader(handle))) == 1 + job.succeeded
+    assert not User.objects.filter(username="someone").exists()
+
+
+def test_only_the_person_who_started_a_job_or_a_superuser_resumes_it(
+    manager, client, small_filesystem, settings, django_user_model
+):
+    _, job, filler = stopped_by_a_full_disk(small_filesystem, manager, settings, 10_000)
+    os.unlink(filler)
+    other = django_user_model.objects.create_user("other")
+    other.user_permissions.set(
+        Permission.objects.filter(codename__in=["process_files", "view_files"])
+    )
+    client.force_login(other)
+
+    page = client.get(job.get_absolute_url()).content.decode()
+    refused = client.post(job.get_absolute_url(), {"action": "resume"}, follow=True)
+
+    assert 'value="resume"' not in page
+    assert "Only the person who started the job, or a superuser, resumes it." in (
+        refused.content.decode()
+    )
+    assert Job.objects.get(pk=job.pk).status == Job.INTERRUPTED
+
+
 def test_a_job_whose_task_was_removed_is_ended_with_the_reason(shared, manager, settings):
     settings.DATACENTER_RUN_AT_ONCE_SIZE = 0
     write(os.path.join(shared.storage, "people.csv"), users_file(10))
@@ -285,9 +337,8 @@ def test_a_job_whose_task_was_removed_is_ended_with_the_reason(shared, manager, 
         name="people.csv", processor="users", mode="create", dry_run=True, user=manager
     )
     DBTaskResult.objects.all().delete()
-    Job.objects.filter(pk=job.pk).update(
-        created=job.created - timedelta(seconds=jobs.ENQUEUE_SECONDS + 1)
-    )
+    long_ago = job.created - timedelta(seconds=jobs.ENQUEUE_SECONDS + 1)
+    Job.objects.filter(pk=job.pk).update(created=long_ago, updated=long_ago)
 
     jobs.recover_jobs()
 

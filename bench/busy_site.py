@@ -1,18 +1,21 @@
 """A large job never blocks the site: write latency while the worker processes a large file,
 the job's speed against processing in one transaction, and a job killed half-way.
 
-For SQLite and PostgreSQL (a throwaway cluster of bin/with-postgres), side by side:
-1. one transaction: ROWS user accounts created by ``process_file`` inside one transaction,
-   as before batches (the site idle);
-2. batched, under load: the same number processed by a real task worker as a job, while
-   CLIENTS people upload files, save in the admin and log in through gunicorn, one action a
-   second each, for the job's whole length;
-3. killed and resumed, under the same load: the job's worker is killed with SIGKILL at 50%,
+For SQLite and PostgreSQL (a throwaway cluster of bin/with-postgres), side by side, while
+CLIENTS people use the site through gunicorn (each, once a second, uploads a file, saves a
+group in the admin or logs in):
+0. no job, for 30 s: the people's writes by themselves;
+1. one transaction: ROWS user accounts created by ``process_file`` inside one transaction, as
+   before batches;
+2. batched, nobody on the site: the same number processed by a real task worker as a job,
+   the people paused (the job's own speed against run 1);
+3. batched, under load: the same again, the people at work for the job's whole length;
+4. killed and resumed, under the same load: the job's worker is killed with SIGKILL at 50%,
    a new worker goes on after the last committed batch; its outputs are compared with those
-   of run 2, byte for byte.
+   of run 3, byte for byte.
 Prints the errors the people met (goal 0), the latency of their writes (p50/p95/max; goal on
-SQLite p95 <= 1 s, max <= 2 s), rows/s of run 2 against run 1 (goal >= 0.9x) and the time of
-run 3 against run 2 (goal <= 1.1x).
+SQLite p95 <= 1 s, max <= 2 s), rows/s of runs 2 and 3 against run 1 (goal >= 0.9x) and the
+time of run 4 against run 3 (goal <= 1.1x).
 
     .venv/bin/pip install -r requirements-bench.txt
     .venv/bin/python bench/busy_site.py [--rows 1000000] [--clients 20]
@@ -80,7 +83,7 @@ def report(results: dict, args) -> None:
         ("  errors the people met", lambda r: errors(r["one"])),
         ("  writes p50/p95/max", lambda r: latency(r["one"], "all")),
         ("  rows/s", lambda r: f"{r['one_rate']:,.0f}"),
-        ("batched job (runs 2 and 3):", None),
+        ("batched job (runs 3 and 4):", None),
         ("  errors the people met", lambda r: errors(r["batched"])),
         ("  writes p50/p95/max", lambda r: latency(r["batched"], "all")),
         *[
@@ -89,6 +92,9 @@ def report(results: dict, args) -> None:
         ],
         ("  rows/s", lambda r: f"{r['batched_rate']:,.0f}"),
         ("  against one transaction", lambda r: f"{r['batched_rate'] / r['one_rate']:.2f}x"),
+        ("batched job, nobody on the site:", None),
+        ("  rows/s", lambda r: f"{r['alone_rate']:,.0f}"),
+        ("  against one transaction", lambda r: f"{r['alone_rate'] / r['one_rate']:.2f}x"),
         ("killed at 50% and resumed:", None),
         ("  uninterrupted job", lambda r: f"{r['uninterrupted']:.1f} s"),
         ("  killed and resumed", lambda r: f"{r['resumed']:.1f} s"),
@@ -153,6 +159,11 @@ def run_one(rows: int, clients: int) -> dict:
         load.phase = "one"
         one_rate = rows / one_transaction(datacenter, rows)
         worker.start()
+        # The job's own speed, the processor not shared with the people's requests.
+        load.phase = "nobody"
+        load.paused.set()
+        alone, _ = job(datacenter, manager, rows, "n", worker)
+        load.paused.clear()
         load.phase = "batched"
         uninterrupted, outputs = job(datacenter, manager, rows, "b", worker)
         resumed, killed_outputs = job(datacenter, manager, rows, "c", worker, kill_at=rows // 2)
@@ -162,6 +173,7 @@ def run_one(rows: int, clients: int) -> dict:
             "one": load.summary("one"),
             "batched": load.summary("batched"),
             "one_rate": one_rate,
+            "alone_rate": rows / alone,
             "batched_rate": rows / uninterrupted,
             "uninterrupted": uninterrupted,
             "resumed": resumed,
@@ -315,6 +327,7 @@ class Load:
         self.latencies: dict[tuple[str, str], list[float]] = {}
         self.errors: dict[str, list[str]] = {}
         self.stopping = threading.Event()
+        self.paused = threading.Event()
         self.threads = [
             threading.Thread(target=self.person, args=(number, person), daemon=True)
             for number, person in enumerate(people)
@@ -373,6 +386,8 @@ class Load:
         )
         step = number
         while not self.stopping.wait(1):
+            if self.paused.is_set():
+                continue
             step += 1
             action = ACTIONS[step % len(ACTIONS)]
             if action == "upload":

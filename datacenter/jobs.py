@@ -43,6 +43,7 @@ from .processing import (
     ProcessingError,
     ProcessingStopped,
     check_processing,
+    cut_back,
     process_file,
 )
 from .relocation import tree_size
@@ -287,6 +288,7 @@ def _failed(job: Job, exc: Exception) -> None:
     position = resume_position(job)
     if isinstance(exc, FileChanged):
         # The outputs of the rows applied stay, for staff to see what was done.
+        cut_back(os.path.join(job_folder(current_datacenter(), job), "outputs"), position)
         outputs = os.path.join(JOBS_FOLDER, str(job.pk), "outputs")
         _end(
             job,

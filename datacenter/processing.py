@@ -446,11 +446,9 @@ class _Run:
             yield
             return
         os.makedirs(self.output_dir, exist_ok=True)
-        paths = [os.path.join(self.output_dir, name) for name in ("finished.csv", "pending.csv")]
+        paths = output_paths(self.output_dir)
         if self.resume:
-            # What was written after the last commit belongs to rows that were rolled back.
-            os.truncate(paths[0], self.resume.finished_length)
-            os.truncate(paths[1], self.resume.pending_length)
+            cut_back(self.output_dir, self.resume)
         mode = "a" if self.resume else "w"
         with (
             open(paths[0], mode, encoding="utf-8", newline="") as finished,
@@ -544,6 +542,19 @@ class _Run:
             pending_lines=result.pending_lines[:ERRORS_KEPT],
             sha256=self.sha256,
         )
+
+
+def output_paths(output_dir: str) -> list[str]:
+    """The finished and the pending output file of a run."""
+    return [os.path.join(output_dir, name) for name in ("finished.csv", "pending.csv")]
+
+
+def cut_back(output_dir: str, position: Position) -> None:
+    """Cut the outputs back to their lengths at `position`: what was written after the last
+    commit belongs to rows that were rolled back."""
+    finished, pending = output_paths(output_dir)
+    os.truncate(finished, position.finished_length)
+    os.truncate(pending, position.pending_length)
 
 
 def _count_change(result: ProcessResult, change: Change, line: int) -> None:

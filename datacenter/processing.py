@@ -427,7 +427,8 @@ class _Run:
         self.columns = [column.strip() for column in header]
         self.keep = [index for index, column in enumerate(self.columns) if column != ERROR_COLUMN]
         self.output_columns = [header[index] for index in self.keep]
-        self.resume, self.sha256 = resume, sha256
+        # A resumed run's file was checked against the position's SHA-256.
+        self.resume = resume
         self.position = resume or Position(sha256=sha256)
         p = self.position
         self.result = ProcessResult(
@@ -540,7 +541,7 @@ class _Run:
             next_pending_line=result.next_pending_line,
             errors=result.errors[:ERRORS_KEPT],
             pending_lines=result.pending_lines[:ERRORS_KEPT],
-            sha256=self.sha256,
+            sha256=self.position.sha256,
         )
 
 

@@ -9,11 +9,11 @@ A processing job writes its outputs to a folder of its own in the storage (JOBS_
 commits its rows a batch at a time, each batch together with the job's position (the last
 line done, the lengths of its outputs, its counts). After the last batch it records, in one
 commit, that its results are ready and where they go (the plan of the distribution). A job
-whose process died is recovered by the next one to look: a committed job has its
-distribution finished from that plan, processing is queued again to resume after its last
-committed batch (a dry run starts again), and any other job is marked interrupted, having
-changed nothing (export: its partial file is removed) or moved whole files only (relocation,
-which is finished by relocating to the same path again).
+whose process died is recovered by the next one to look (see datacenter.recovery): a
+committed job has its distribution finished from that plan, processing is queued again to
+resume after its last committed batch (a dry run starts again), and any other job is marked
+interrupted, having changed nothing (export: its partial file is removed) or moved whole
+files only (relocation, which is finished by relocating to the same path again).
 """
 
 import logging
@@ -22,7 +22,6 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
@@ -34,7 +33,7 @@ from . import exports
 from .exports import ExportError
 from .limits import check_site_storage_path
 from .models import Job, StorageLocation, current_datacenter, storage_for_writing
-from .processes import HOST, died_on_this_host, fail_running_task
+from .processes import HOST
 from .processing import (
     CHANGES_KEPT,
     ERRORS_KEPT,
@@ -55,10 +54,6 @@ log = logging.getLogger(__name__)
 EXPECTED_ERRORS = (ProcessingError, StorageError, ExportError, FileNotFoundError)
 
 PROGRESS_SECONDS = 0.5
-
-
-class JobInterrupted(Exception):
-    """The process carrying out a job died before the job ended."""
 
 
 # Starting jobs
@@ -121,6 +116,8 @@ def start_relocation(*, path: str, move: bool, overwrite: bool, user) -> Job:
     Raises StorageError, before any job is recorded, for a path that cannot be used and
     while other jobs are in progress (their files would move under their feet).
     """
+    from .recovery import recover_jobs  # recovery builds on this module
+
     recover_jobs()
     busy = list(Job.objects.filter(status__in=Job.IN_PROGRESS).values_list("pk", flat=True))
     if busy:
@@ -175,11 +172,11 @@ def _refuse_while_relocating(action: str) -> None:
 def _start(job: Job, *, at_once: bool) -> Job:
     if at_once:
         return run_job(job)
-    _enqueue(job)
+    enqueue(job)
     return job
 
 
-def _enqueue(job: Job) -> None:
+def enqueue(job: Job) -> None:
     """Queue `job` for the task worker once the transaction that recorded it commits."""
     from .tasks import run_job_task
 
@@ -205,7 +202,7 @@ def resume_job(job: Job, user) -> Job:
     if Job.objects.filter(pk=job.pk, status=Job.INTERRUPTED).update(
         status=Job.QUEUED, error="", finished=None, host="", pid=None, updated=timezone.now()
     ):
-        _enqueue(job)
+        enqueue(job)
     job.refresh_from_db()
     return job
 
@@ -251,6 +248,8 @@ def check_file_free(name: str) -> None:
 
 def run_job(job: Job) -> Job:
     """Carry out a queued job in this process; a job that has begun elsewhere is left."""
+    from .recovery import recover_jobs  # recovery builds on this module
+
     recover_jobs()
     now = timezone.now()
     began = Job.objects.filter(pk=job.pk, status=Job.QUEUED).update(
@@ -268,11 +267,11 @@ def run_job(job: Job) -> Job:
     except Exception as exc:
         if not isinstance(exc, EXPECTED_ERRORS) or isinstance(exc, ProcessingStopped):
             log.exception("Job %s failed.", job.pk)
-        _failed(job, exc)
+        fail_job(job, exc)
     return job
 
 
-def _failed(job: Job, exc: Exception) -> None:
+def fail_job(job: Job, exc: Exception) -> None:
     if isinstance(exc, ProcessingError | StorageError | ExportError):
         message = str(exc)
     elif isinstance(exc, FileNotFoundError):
@@ -290,7 +289,7 @@ def _failed(job: Job, exc: Exception) -> None:
         # The outputs of the rows applied stay, for staff to see what was done.
         cut_back(os.path.join(job_folder(current_datacenter(), job), "outputs"), position)
         outputs = os.path.join(JOBS_FOLDER, str(job.pk), "outputs")
-        _end(
+        end_job(
             job,
             Job.FAILED,
             error=f"{message} The rows up to line {position.line} are applied; their finished "
@@ -300,18 +299,18 @@ def _failed(job: Job, exc: Exception) -> None:
     if position is not None:
         # Rows are committed: the outputs and the position stay, to go on from there.
         cause = exc.__cause__ if isinstance(exc, ProcessingStopped) else exc
-        _end(
+        end_job(
             job,
             Job.INTERRUPTED,
             error=f"Stopped after line {position.line}: {cause}. The rows up to there are "
             "applied; resume the job to process the rest.",
         )
         return
-    _remove_partial_work(job)
-    _end(job, Job.FAILED, error=message)
+    remove_partial_work(job)
+    end_job(job, Job.FAILED, error=message)
 
 
-def _remove_partial_work(job: Job) -> None:
+def remove_partial_work(job: Job) -> None:
     if job.kind == Job.PROCESS:
         shutil.rmtree(job_folder(current_datacenter(), job), ignore_errors=True)
     elif job.kind == Job.EXPORT:
@@ -395,7 +394,7 @@ def _process(job: Job) -> None:
             "changes_kept": CHANGES_KEPT,
         }
     shutil.rmtree(job_folder(datacenter, job), ignore_errors=True)
-    _end(job, Job.SUCCESS)
+    end_job(job, Job.SUCCESS)
 
 
 def resume_position(job: Job) -> Position | None:
@@ -448,7 +447,7 @@ def _export(job: Job) -> None:
         "records": count,
         "secrets": exports.holds_secrets(exporter),
     }
-    _end(job, Job.SUCCESS)
+    end_job(job, Job.SUCCESS)
 
 
 def _relocate(job: Job) -> None:
@@ -490,7 +489,7 @@ def _relocate(job: Job) -> None:
         "moved_files": before[0] - left[0],
         "moved_bytes": before[1] - left[1],
     }
-    _end(job, Job.SUCCESS)
+    end_job(job, Job.SUCCESS)
 
 
 def _location_created_for(job: Job) -> bool:
@@ -501,7 +500,7 @@ def _location_created_for(job: Job) -> bool:
     return created
 
 
-def _end(job: Job, status: str, error: str = "") -> None:
+def end_job(job: Job, status: str, error: str = "") -> None:
     job.status, job.error, job.finished = status, error, timezone.now()
     job.save(
         update_fields=[
@@ -509,144 +508,3 @@ def _end(job: Job, status: str, error: str = "") -> None:
             *("file_name", "sha256"),
         ]
     )
-
-
-# Recovering jobs whose process died
-
-
-def recover_jobs() -> int:
-    """Go on with, finish or end every job whose process died, and end the queued jobs
-    whose task is gone; return how many.
-
-    A job dies with its process on this host at once, on another host when it has given no
-    sign of life for DATACENTER_JOB_LEASE seconds. Processing is queued again to resume
-    after its last committed batch (a dry run starts again), unless it died twice at the
-    same place.
-    """
-    recovered = 0
-    for job in Job.objects.filter(status__in=[Job.RUNNING, Job.COMMITTED]):
-        if not _is_dead(job):
-            continue
-        # Only one process recovers a job: the one that takes it over.
-        taken = Job.objects.filter(pk=job.pk, status=job.status, host=job.host, pid=job.pid)
-        if not taken.update(host=HOST, pid=os.getpid(), updated=timezone.now()):
-            continue
-        reason = f"The process carrying it out (host {job.host or '?'}, process {job.pid}) died."
-        if job.status == Job.COMMITTED:
-            try:
-                _finish_distribution(job)
-            except OSError as exc:  # a full disk, say: tried again by the next recovery
-                log.exception("Distributing the results of job %s failed.", job.pk)
-                _failed(job, exc)
-                continue
-            log.warning("Job %s had committed; its results are now distributed.", job.pk)
-        elif job.kind == Job.PROCESS:
-            _go_on(job, reason)
-        else:
-            _interrupt(job, reason)
-        recovered += 1
-    return recovered + _end_lost_jobs()
-
-
-def _is_dead(job: Job) -> bool:
-    if died_on_this_host(job.host, job.pid):
-        return True
-    last = job.updated or job.started or job.created
-    return timezone.now() - last > timedelta(seconds=settings.DATACENTER_JOB_LEASE)
-
-
-def _go_on(job: Job, reason: str) -> None:
-    """Queue the processing `job`, whose process died, to resume where it stands."""
-    job.refresh_from_db()
-    position = resume_position(job)
-    line = position.line if position else 1
-    resumed = job.result.get("resumed", [])
-    fail_running_task(job.task_id, JobInterrupted, reason)
-    if resumed and resumed[-1]["line"] == line:
-        _interrupt(job, f"{reason} It died before at the same place, after line {line}.")
-        return
-    resumed.append({"line": line, "at": timezone.now().isoformat(), "reason": reason})
-    job.result["resumed"] = resumed
-    if job.dry_run:
-        job.done = 0
-    Job.objects.filter(pk=job.pk).update(
-        status=Job.QUEUED,
-        host="",
-        pid=None,
-        task_id="",
-        done=job.done,
-        result=job.result,
-        updated=timezone.now(),
-    )
-    _enqueue(job)
-    log.warning("Job %s: %s It is queued to go on after line %s.", job.pk, reason, line)
-
-
-#: A queued job's task is recorded this many seconds after the job at the latest.
-ENQUEUE_SECONDS = 60
-
-
-def _end_lost_jobs() -> int:
-    """End the queued jobs whose task is no longer in the queue (removed in the admin, or
-    never written): no worker would ever start them."""
-    from django.tasks import TaskResultStatus
-    from django_tasks_db.models import DBTaskResult
-
-    # Queued, or queued again (resumed), at least that long ago.
-    queued = Job.objects.alias(since=Coalesce("updated", "created")).filter(
-        status=Job.QUEUED, since__lt=timezone.now() - timedelta(seconds=ENQUEUE_SECONDS)
-    )
-    queued = list(queued.only("pk", "task_id"))
-    waiting = {
-        str(pk)
-        for pk in DBTaskResult.objects.filter(
-            id__in=[job.task_id for job in queued if job.task_id],
-            status__in=[TaskResultStatus.READY, TaskResultStatus.RUNNING],
-        ).values_list("id", flat=True)
-    }
-    lost = 0
-    for job in queued:
-        if job.task_id in waiting:
-            continue
-        job.refresh_from_db()
-        if job.status == Job.QUEUED:
-            _interrupt(job, "Its task is no longer in the queue of the task worker.")
-            lost += 1
-    return lost
-
-
-def _finish_distribution(job: Job) -> None:
-    plan = Distribution.from_dict(job.result["plan"])
-    outputs = job.result["outputs"]
-    plan.apply(os.path.join(outputs, "finished.csv"), os.path.join(outputs, "pending.csv"))
-    shutil.rmtree(os.path.dirname(outputs), ignore_errors=True)
-    job.refresh_from_db()
-    job.result = {
-        "errors": job.result["errors"],
-        "pending_lines": job.result.get("pending_lines", []),
-        "finished_name": os.path.basename(plan.finished_result),
-        "pending_name": plan.pending_result and os.path.basename(plan.pending_result),
-        "resumed": job.result.get("resumed", []),
-        "recovered": True,
-    }
-    _end(job, Job.SUCCESS)
-
-
-def _interrupt(job: Job, reason: str) -> None:
-    job.refresh_from_db()
-    if job.kind == Job.PROCESS and resume_position(job):
-        reason += " The rows up to there are applied; resume the job to process the rest."
-    else:
-        _remove_partial_work(job)
-        if job.kind == Job.PROCESS:
-            reason += " Nothing was changed; start it again."
-        elif job.kind == Job.EXPORT:
-            reason += " No export was written; start it again."
-        elif job.move:
-            reason += (
-                " The storage is still at its old path; the files moved so far are at the new "
-                "one. Relocate to the same path again to move the rest."
-            )
-    StorageLocation.objects.filter(pk=1, relocating=job).update(relocating=None)
-    _end(job, Job.INTERRUPTED, error=reason)
-    fail_running_task(job.task_id, JobInterrupted, reason)

@@ -11,7 +11,7 @@ from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_http_methods, require_safe
 
-from . import editing, exports, health, jobs
+from . import editing, exports, health, jobs, recovery
 from .exports import ExportError
 from .forms import LogSearchForm, ProcessForm, RelocateForm, ReplaceForm, UploadForm
 from .limits import check_site_storage_path
@@ -191,14 +191,14 @@ def process(request, name):
 
 @datacenter_permission("view_files")
 def job_list(request):
-    jobs.recover_jobs()
+    recovery.recover_jobs()
     page = paginate(request, Job.objects.select_related("user"))
     return render(request, "datacenter/jobs.html", {"page": page})
 
 
 def job(request, pk):
     """A job's page: for those who may view files, and for the person who started it."""
-    jobs.recover_jobs()
+    recovery.recover_jobs()
     try:
         job = Job.objects.select_related("user").get(pk=pk)
     except Job.DoesNotExist:

@@ -12,7 +12,7 @@ from django.contrib.auth.models import Group, Permission, User
 from django.core.management import CommandError, call_command
 from django.urls import reverse
 
-from datacenter import exports, jobs
+from datacenter import exports, jobs, recovery
 from datacenter.models import Job, StorageLocation
 from datacenter.processing import process_file
 from datacenter.storage import StorageError
@@ -266,7 +266,7 @@ def test_a_worker_killed_while_exporting_leaves_no_file(exporter, datacenter, se
 
     kill_when(worker, lambda: Job.objects.get(pk=job.pk).done > 0)
     assert Job.objects.get(pk=job.pk).status == Job.RUNNING
-    assert jobs.recover_jobs() == 1
+    assert recovery.recover_jobs() == 1
 
     job.refresh_from_db()
     assert job.status == Job.INTERRUPTED

@@ -11,7 +11,7 @@ from django.contrib.auth.hashers import make_password
 from django.contrib.auth.models import Group, Permission, User
 from django.urls import reverse
 
-from datacenter import jobs
+from datacenter import jobs, recovery
 from datacenter.models import Job, StorageLocation, current_datacenter
 from datacenter.processing import process_file
 from datacenter.storage import Distribution
@@ -198,12 +198,12 @@ def test_a_job_killed_between_commit_and_distribution_is_distributed_on_recovery
 
     with monkeypatch.context() as patched:
         patched.setattr(Distribution, "apply", disk_full)
-        assert jobs.recover_jobs() == 0
+        assert recovery.recover_jobs() == 0
     job.refresh_from_db()
     assert (job.status, job.pid) == (Job.COMMITTED, None)
     assert job.error == "Distributing failed: OSError: [Errno 28] No space left on device"
 
-    assert jobs.recover_jobs() == 1
+    assert recovery.recover_jobs() == 1
 
     job.refresh_from_db()
     assert (job.status, job.result["recovered"]) == (Job.SUCCESS, True)
@@ -230,7 +230,7 @@ def test_a_relocation_killed_half_way_is_finished_by_relocating_again(
     worker = start_manage("task_worker", "--no-reload", "--interval", "0.1")
 
     kill_when(worker, lambda: Job.objects.get(pk=job.pk).done > 0)
-    jobs.recover_jobs()
+    recovery.recover_jobs()
 
     job.refresh_from_db()
     assert job.status == Job.INTERRUPTED

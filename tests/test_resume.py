@@ -18,7 +18,7 @@ from django.tasks import TaskResultStatus
 from django.urls import reverse
 from django_tasks_db.models import DBTaskResult
 
-from datacenter import jobs
+from datacenter import jobs, recovery
 from datacenter.models import Job, StorageLocation, Upload, WorkerHeartbeat
 from imports.models import CdsSource, ImportRun
 from imports.runs import enqueue_import
@@ -148,7 +148,7 @@ def test_a_dry_run_whose_process_died_runs_again(shared, manager, client):
     worker = start_worker()
     kill_when(worker, lambda: Job.objects.get(pk=job.pk).done > 0)
 
-    jobs.recover_jobs()
+    recovery.recover_jobs()
     job.refresh_from_db()
     assert (job.status, job.done) == (Job.QUEUED, 0)
     run_worker()
@@ -337,10 +337,10 @@ def test_a_job_whose_task_was_removed_is_ended_with_the_reason(shared, manager, 
         name="people.csv", processor="users", mode="create", dry_run=True, user=manager
     )
     DBTaskResult.objects.all().delete()
-    long_ago = job.created - timedelta(seconds=jobs.ENQUEUE_SECONDS + 1)
+    long_ago = job.created - timedelta(seconds=recovery.ENQUEUE_SECONDS + 1)
     Job.objects.filter(pk=job.pk).update(created=long_ago, updated=long_ago)
 
-    jobs.recover_jobs()
+    recovery.recover_jobs()
 
     job.refresh_from_db()
     assert job.status == Job.INTERRUPTED

@@ -10,7 +10,7 @@ from django.conf import settings
 from django.db import DatabaseError, connection
 from django_tasks_db.management.commands import db_worker
 
-from datacenter import health, jobs
+from datacenter import health, recovery
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class Command(db_worker.Command):
 
     def handle(self, *args, **options):
         # Jobs whose worker died on this host (a reboot, the OOM killer) go on now, not later.
-        jobs.recover_jobs()
+        recovery.recover_jobs()
         queues = options["queue_name"]
         stopped = threading.Event()
         beating = threading.Thread(
@@ -51,7 +51,7 @@ class Command(db_worker.Command):
         while not stopped.is_set():
             try:
                 health.beat(queues)
-                jobs.recover_jobs()
+                recovery.recover_jobs()
             except DatabaseError:
                 log.exception("Could not record the heartbeat; trying again.")
                 connection.close()

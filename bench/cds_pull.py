@@ -226,6 +226,8 @@ def prepare_database(servers: list, work: Path) -> dict:
     """A database of its own for cds_import, with a source for each server."""
     env = {**os.environ, "DATACENTER_VAR_DIR": str(work / "var")}
     env.pop("DATABASE_URL", None)
+    # Our commands start with their modules compiled, as on every machine that ran them once.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     manage = [sys.executable, "manage.py"]
     subprocess.run([*manage, "migrate", "-v0"], cwd=ROOT, env=env, check=True)
     for server in servers:

@@ -281,8 +281,8 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": os.environ.get("DJANGO_LOG_LEVEL", "INFO")},
     "loggers": {
         "imports.cds": {"level": "INFO"},
-        # The run's own log says what matters; paramiko's INFO lines are noise in cron mail.
-        "paramiko": {"level": "WARNING"},
+        # The run's own log says what matters; asyncssh's INFO lines are noise in cron mail.
+        "asyncssh": {"level": "WARNING"},
         # django-axes tells of every login at INFO; its warnings (lock-outs) are kept.
         "axes": {"level": "WARNING"},
     },

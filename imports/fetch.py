@@ -19,19 +19,16 @@ run from their journal.
 import collections
 import contextlib
 import contextvars
-import errno
-import fcntl
-import hashlib
 import logging
-import mmap
 import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .partial import Blocks, PartialFile, SpoolError, spool_errors
 from .spool import FileStore
-from .transports import CONNECTION_ERRORS, SERVER_ERRORS, ReadInto, RemoteEntry
+from .transports import CONNECTION_ERRORS, SERVER_ERRORS, RemoteEntry
 
 log = logging.getLogger("imports.cds")
 
@@ -40,38 +37,13 @@ BATCH_SECONDS = 0.25
 # A file this large takes long enough to be worth its own sync; the batch before it is
 # delivered first rather than wait for it.
 LARGE_FILE = 1024 * 1024
-# A connection receives into a buffer of DIRECT_BLOCK bytes and writes it out when full.
-# Direct writes go from an address, to an offset and in a length that are multiples of
-# ALIGNMENT (the largest logical block size of disks).
-DIRECT_BLOCK = 1024 * 1024
-ALIGNMENT = 4096
 
 
 class TransferError(Exception):
     """A download that did not arrive complete."""
 
 
-class SpoolError(Exception):
-    """Writing to the local spool failed (disk full, permissions): not the server's fault."""
-
-    def __init__(self, error: OSError):
-        super().__init__(error.strerror or str(error))
-        self.error = error
-
-
 TRANSFER_ERRORS = (*SERVER_ERRORS, TransferError)
-
-
-class spool_errors:
-    """Raise local file errors as SpoolError."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, traceback):
-        if isinstance(exc, OSError):
-            raise SpoolError(exc) from exc
-        return False
 
 
 @dataclass
@@ -182,7 +154,7 @@ class _Connection:
         self.batch_files = batch_files
         self.batch: list[_Download] = []
         self.batch_started = 0.0
-        self.buffer = mmap.mmap(-1, DIRECT_BLOCK)  # page-aligned, as direct writes need
+        self.blocks = Blocks()
 
     def run(self) -> None:
         try:
@@ -201,6 +173,7 @@ class _Connection:
                 ):
                     self.commit()
         finally:
+            self.blocks.writer.shutdown()
             self.commit()
 
     def download(self, remote: RemoteEntry) -> None:
@@ -216,7 +189,7 @@ class _Connection:
         outcome = FileOutcome(name, remote.size, "failed", local_name=local)
         try:
             outcome.sha256, outcome.size = _download(
-                self.transport, self.store, remote, local, self.buffer
+                self.transport, self.store, remote, local, self.blocks
             )
         except (*TRANSFER_ERRORS, *CONNECTION_ERRORS, SpoolError) as exc:
             outcome.reason = str(exc) or type(exc).__name__
@@ -264,98 +237,14 @@ class _Connection:
             self.store.finish_journal(journal)
 
 
-class _PartialFile:
-    """The sink of a download: the partial file, hashed as it is written.
-
-    The bytes are received straight into the connection's buffer (a page-aligned block of
-    memory), hashed there and written from there as they come. A large file goes around the
-    page cache (O_DIRECT), written whenever the buffer is full: its batch's sync must put
-    every byte on the disk anyway, and the copy into the cache costs about as much processor
-    time as the SHA-256 (see bench/README.md). The rest that does not fill a block of
-    ALIGNMENT, and every file where the filesystem refuses direct writes, go through the
-    cache.
-    """
-
-    def __init__(self, path: str, buffer: mmap.mmap, direct: bool):
-        with spool_errors():
-            self.fd = _open_partial(path)
-        self.direct = direct and _write_around_cache(self.fd, True)
-        self.buffer = buffer
-        self.filled = self.size = 0
-        self.digest = hashlib.sha256()
-
-    def receive(self, read_into: ReadInto) -> None:
-        """Take the file's bytes: what `read_into` puts into the buffer until it puts none."""
-        with memoryview(self.buffer) as view:
-            while received := read_into(view[self.filled :]):
-                self.digest.update(view[self.filled : self.filled + received])
-                self.size += received
-                self.filled += received
-                if self.filled == len(view) or not self.direct:
-                    self._write(self.filled)
-
-    def finish(self) -> int:
-        """Write what is still buffered; return the size of the file."""
-        if self.direct:
-            self._write(self.filled - self.filled % ALIGNMENT)
-            self._through_cache()
-        self._write(self.filled)
-        return self.size
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-    def _through_cache(self) -> None:
-        _write_around_cache(self.fd, False)
-        self.direct = False
-
-    def _write(self, length: int) -> None:
-        """Write the first `length` bytes of the buffer and keep the rest at its start."""
-        if not length:
-            return
-        with spool_errors(), memoryview(self.buffer) as view:
-            written = 0
-            if self.direct:
-                try:
-                    written = os.write(self.fd, view[:length])
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:
-                        raise
-                if written < length:
-                    # A direct write refused (EINVAL) or cut short (the disk filling up): the
-                    # rest goes through the cache, which takes any length and tells the error.
-                    self._through_cache()
-            while written < length:
-                written += os.write(self.fd, view[written:length])
-            self.buffer.move(0, length, self.filled - length)
-        self.filled -= length
-
-
-def _open_partial(path: str) -> int:
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-
-
-def _write_around_cache(fd: int, on: bool) -> bool:
-    """Switch direct writes of `fd` on or off; False where the filesystem has none."""
-    direct = getattr(os, "O_DIRECT", 0)
-    if not direct:
-        return False
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags | direct if on else flags & ~direct)
-    except OSError:  # EINVAL: not on this filesystem
-        return False
-    return True
-
-
 def _download(
-    transport, store: FileStore, remote: RemoteEntry, local: str, buffer: mmap.mmap
+    transport, store: FileStore, remote: RemoteEntry, local: str, blocks: Blocks
 ) -> tuple[str, int]:
-    """Fetch `remote` into its partial file through `buffer`; return its SHA-256 and size.
+    """Fetch `remote` into its partial file through `blocks`; return its SHA-256 and size.
     The file is complete but not yet durable: its batch makes it so."""
     path = store.partial_path(local)
     try:
-        sink = _PartialFile(path, buffer, direct=(remote.size or 0) >= LARGE_FILE)
+        sink = PartialFile(path, blocks, direct=(remote.size or 0) >= LARGE_FILE)
         try:
             transport.retrieve(remote.raw, sink)
             received = sink.finish()

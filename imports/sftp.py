@@ -45,7 +45,7 @@ ENCRYPTION = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"
 READS_IN_FLIGHT = 128
 # Blocks received and not yet taken by the sink: the memory one download may hold beyond its
 # reads in flight.
-BLOCKS_AHEAD = 64
+BLOCKS_AHEAD = 16
 WRITE_WINDOW = 8 * 1024 * 1024  # bytes handed to one pipelined write of an upload
 _END = object()
 

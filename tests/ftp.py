@@ -16,7 +16,7 @@ USER, PASSWORD, DIRECTORY = "partner", "secret", "outbox"
 
 
 # Large enough that a file stays in transfer for seconds at SLOW_RATE, and that its partial
-# file has data early: large files are written in blocks of 1 MiB (fetch.DIRECT_BLOCK).
+# file has data early: large files are written in blocks of 1 MiB (imports.partial.DIRECT_BLOCK).
 SLOW_RATE = 512 * 1024
 LARGE_PAYLOAD = 8 * 1024 * 1024
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from imports import cds, fetch
+from imports import cds, partial
 from imports.cds import import_
 from imports.spool import FileStore
 from imports.transports import FtpTransport
@@ -628,7 +628,7 @@ def test_large_files_arrive_whole_where_the_filesystem_has_no_direct_writes(
 ):
     payloads = put_large_files(ftp_server)
     # Such filesystems refuse O_DIRECT with EINVAL, which no local one does on demand.
-    monkeypatch.setattr(fetch, "_write_around_cache", lambda fd, on: False)
+    monkeypatch.setattr(partial, "write_around_cache", lambda fd, on: False)
 
     result = import_(**ftp_server.options(spool))
 
@@ -647,7 +647,7 @@ def test_large_files_arrive_whole_where_direct_writes_are_refused_after_all(
             raise OSError(errno.EINVAL, "Invalid argument")
         return write(fd, data)
 
-    monkeypatch.setattr(fetch.os, "write", refuse_direct)
+    monkeypatch.setattr(partial.os, "write", refuse_direct)
 
     result = import_(**ftp_server.options(spool))
 
@@ -737,7 +737,7 @@ def test_a_full_disk_is_reported_as_such_and_loses_nothing(
     ftp_server.put("a.xml", b"<a/>")
     ftp_server.put("b.xml", b"<b/>")
     # The kernel's own "disk full": every write to /dev/full fails with ENOSPC.
-    monkeypatch.setattr(fetch, "_open_partial", lambda path: os.open("/dev/full", os.O_WRONLY))
+    monkeypatch.setattr(partial, "open_partial", lambda path: os.open("/dev/full", os.O_WRONLY))
 
     result = import_(**ftp_server.options(spool))
 

@@ -23,6 +23,9 @@ class Command(BaseCommand):
         "do, 1 when a run failed and 75 (EX_TEMPFAIL) when a source was locked or busy."
     )
     direction = ImportRun.IMPORT
+    # Cron starts this every few minutes: the site's checks (a tenth of a second, and every
+    # view imported) belong to deployment (`manage.py check --deploy`), not to each run.
+    requires_system_checks = []
 
     def add_arguments(self, parser):
         parser.add_argument("sources", nargs="*", metavar="SOURCE", help="source names")

@@ -7,6 +7,7 @@ rolled back to its own savepoint and written, with its error, to the new pending
 the good rows are kept. After the last batch the result files are distributed.
 """
 
+import codecs
 import csv
 import os
 import re
@@ -232,7 +233,7 @@ def process_file(
         sha256 = _checked_sha256(handle, expected_sha256, resumed=resume is not None)
         header = _checked_header(handle, filename, processor, mode, whole=not dry_run)
         reader = csv.reader(handle)
-        records = _records(reader, filename)
+        records = _records(reader, filename, handle)
         next(records)
         keys = _Keys(processor, header)
         if resume:
@@ -363,7 +364,7 @@ def _checked_header(handle, filename, processor, mode, *, whole: bool) -> list[s
     is applied. The file is left at its start."""
     handle.seek(0)
     reader = csv.reader(handle)
-    records = _records(reader, filename)
+    records = _records(reader, filename, handle)
     header = next(records, None) or []
     problems = check_header(processor, header, mode) if header else ["The file is empty."]
     if problems:
@@ -375,15 +376,39 @@ def _checked_header(handle, filename, processor, mode, *, whole: bool) -> list[s
     return header
 
 
-def _records(reader, filename: str) -> Iterator[list[str]]:
-    """The records of `reader`; a file that is no UTF-8 CSV raises ProcessingError."""
+def _records(reader, filename: str, handle) -> Iterator[list[str]]:
+    """The records of `reader` over the text file `handle`; a file that is no UTF-8 CSV
+    raises ProcessingError."""
     try:
         yield from reader
-    except (UnicodeDecodeError, csv.Error) as exc:
+    except UnicodeDecodeError:
+        line = _undecodable_line(handle.buffer)
         raise ProcessingError(
-            f"{filename} is not a readable UTF-8 CSV file (near line {reader.line_num}): "
-            f"{exc}. Nothing was changed."
+            f"{filename} is not a readable UTF-8 CSV file: line {line} holds bytes that are "
+            "not UTF-8 text. Save it as UTF-8 (CSV UTF-8 in Excel) and upload it again. "
+            "Nothing was changed."
         ) from None
+    except csv.Error as exc:
+        raise ProcessingError(
+            f"{filename} is not a readable CSV file (line {reader.line_num}): {exc}. "
+            "Nothing was changed."
+        ) from None
+
+
+def _undecodable_line(raw) -> int:
+    """The line of the binary file `raw` where it stops being UTF-8: the text layer decodes
+    ahead of the CSV reader, so neither knows it."""
+    raw.seek(0)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    while chunk := raw.read(1024 * 1024):
+        carried = len(decoder.getstate()[0])  # the start of a character cut by the last read
+        try:
+            decoder.decode(chunk)
+        except UnicodeDecodeError as exc:
+            return line + chunk.count(b"\n", 0, max(exc.start - carried, 0))
+        line += chunk.count(b"\n")
+    return line
 
 
 class _Keys:

@@ -1,3 +1,4 @@
+import errno
 import logging
 import os
 import subprocess
@@ -155,15 +156,16 @@ def ftp_server(start_ftp_server):
 @pytest.fixture
 def small_filesystem(tmp_path):
     """mount(size) -> a folder on a real filesystem of `size` ("64k", "2m": tmpfs, mounted as
-    root), unmounted after the test: disks that fill up."""
+    root), unmounted after the test: disks that fill up. With `read_only`, a filesystem that
+    not even root may write to."""
     mounted = []
 
-    def mount(size: str) -> Path:
+    def mount(size: str, read_only: bool = False) -> Path:
         folder = tmp_path / f"small-{len(mounted)}"
         folder.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
         result = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-            capture_output=True,
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True
         )
         if result.returncode != 0:
             if os.environ.get("DATACENTER_REQUIRE_SERVERS"):
@@ -175,6 +177,21 @@ def small_filesystem(tmp_path):
     yield mount
     for folder in mounted:
         subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def fill_up(folder: Path, leave: int = 0) -> None:
+    """Write into `folder` until its filesystem is full, then free `leave` bytes of it."""
+    path = folder / "filler"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"x" * 4096):
+            pass
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    if leave:
+        os.truncate(path, os.path.getsize(path) - leave)
 
 
 @pytest.fixture

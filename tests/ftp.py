@@ -74,13 +74,17 @@ class ServerThread:
 
 
 class FaultyFS(AbstractedFS):
-    """A filesystem that refuses to send some files and cuts others short.
+    """A filesystem that refuses to send some files, cuts others short, and sends half of
+    others as if that were all.
 
-    `refused` and `cut_short` are sets of file names, set on a subclass by the test.
+    `refused`, `cut_short`, `halved` and `kept` (never deleted) are sets of file names, set on
+    a subclass by the test.
     """
 
     refused: frozenset = frozenset()
     cut_short: frozenset = frozenset()
+    halved: frozenset = frozenset()
+    kept: frozenset = frozenset()  # refused to delete
 
     def open(self, filename, mode):
         name = os.path.basename(filename)
@@ -89,7 +93,14 @@ class FaultyFS(AbstractedFS):
         handle = super().open(filename, mode)
         if "r" in mode and name in self.cut_short:
             return CutShortFile(handle)
+        if "r" in mode and name in self.halved:
+            return HalvedFile(handle)
         return handle
+
+    def remove(self, path):
+        if os.path.basename(path) in self.kept:
+            raise PermissionError(errno.EACCES, "Refused by the test", path)
+        super().remove(path)
 
 
 class CutShortFile:
@@ -108,3 +119,49 @@ class CutShortFile:
     def close(self):
         self.closed = True
         self.handle.close()
+
+
+class GrowingHandler(FTPHandler):
+    """Appends to the file `growing` (a Path, set on a subclass by the test) as each listing
+    begins: a partner writing it all the while we look."""
+
+    growing = None
+
+    def ftp_MLSD(self, path):
+        with open(self.growing, "ab") as handle:
+            handle.write(b" and more")
+        return super().ftp_MLSD(path)
+
+
+class HalvedFile:
+    """Reads the first half of the file, then ends as if that were the whole file: the
+    server then reports the transfer complete."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.name = handle.name
+        self.closed = False
+        self.half = os.fstat(handle.fileno()).st_size // 2
+
+    def read(self, size=-1):
+        left = self.half - self.handle.tell()
+        return self.handle.read(min(size, left) if size > 0 else left) if left > 0 else b""
+
+    def close(self):
+        self.closed = True
+        self.handle.close()
+
+
+class DroppingHandler(FTPHandler):
+    """Closes the connection, once, instead of deleting the file `dropped_at`: a connection
+    that breaks while a batch is removed on the server."""
+
+    dropped_at = ""
+    has_dropped = False
+
+    def ftp_DELE(self, path):
+        if os.path.basename(path) == self.dropped_at and not type(self).has_dropped:
+            type(self).has_dropped = True
+            self.close()
+            return None
+        return super().ftp_DELE(path)

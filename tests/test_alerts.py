@@ -5,6 +5,7 @@ import io
 from datetime import timedelta
 
 import pytest
+from django.core.exceptions import ValidationError
 from django.core.management import call_command
 from django.urls import reverse
 from django.utils import timezone
@@ -172,7 +173,7 @@ def test_a_source_names_its_own_addresses(source, managers, smtp_server):
 def test_alert_addresses_are_checked(source):
     source.alert_emails = "ops@example.org, not an address"
 
-    with pytest.raises(Exception, match="These are no e-mail addresses: not an address."):
+    with pytest.raises(ValidationError, match="These are no e-mail addresses: not an address."):
         source.save()
 
 

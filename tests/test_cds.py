@@ -5,23 +5,25 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tracemalloc
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from imports import cds, partial
 from imports.cds import import_
 from imports.spool import FileStore
-from imports.transports import FtpTransport
 
-from .conftest import kill_when, written
-from .ftp import LARGE_PAYLOAD, FaultyFS, slow_dtp
+from .conftest import fill_up, kill_when, written
+from .ftp import LARGE_PAYLOAD, DroppingHandler, FaultyFS, GrowingHandler, slow_dtp
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -158,6 +160,53 @@ def test_a_refused_file_stays_on_the_server_and_the_run_goes_on(start_ftp_server
     assert [(f.name, f.reason[:3]) for f in failed] == [("b.xml", "550")]
 
 
+def test_a_file_the_server_will_not_delete_is_not_delivered(start_ftp_server, spool, cds_log):
+    server = start_ftp_server(
+        abstracted_fs=type("FS", (FaultyFS,), {"kept": frozenset({"b.xml"})})
+    )
+    for name in ("a.xml", "b.xml", "c.xml"):
+        server.put(name, name.encode())
+
+    result = import_(**server.options(spool))
+
+    assert server.names() == ["b.xml"]
+    assert spooled(spool) == {"a.xml": b"a.xml", "c.xml": b"c.xml"}
+    assert os.listdir(Path(spool) / "tmp") == []
+    [kept] = [f for f in result.files if f.outcome == "failed"]
+    assert (kept.name, kept.reason) == (
+        "b.xml",
+        "could not be removed on the server (550 Permission denied.); it stays there",
+    )
+    assert "Could not remove b.xml on the server (550 Permission denied.)." in messages(cds_log)
+
+
+def test_a_connection_lost_while_removing_a_batch_is_finished_by_the_next_run(
+    start_ftp_server, spool
+):
+    server = start_ftp_server(
+        handler_class=type("Dropping", (DroppingHandler,), {"dropped_at": "b.xml"})
+    )
+    for name in ("a.xml", "b.xml", "c.xml"):
+        server.put(name, name.encode())
+
+    first = import_(**server.options(spool))
+
+    assert first.status == cds.FAILED
+    assert [(f.name, f.outcome) for f in first.files] == [
+        ("a.xml", "delivered"),
+        ("b.xml", "failed"),
+    ]
+    assert first.files[1].reason == "downloaded; the next run delivers it"
+    assert spooled(spool) == {"a.xml": b"a.xml"}
+
+    second = import_(**server.options(spool))
+
+    assert second.status == cds.SUCCESS
+    assert spooled(spool) == {"a.xml": b"a.xml", "b.xml": b"b.xml", "c.xml": b"c.xml"}
+    assert server.names() == []
+    assert os.listdir(Path(spool) / "tmp") == []
+
+
 def test_a_dropped_data_connection_keeps_the_file_on_the_server(start_ftp_server, spool):
     server = start_ftp_server(
         abstracted_fs=type("FS", (FaultyFS,), {"cut_short": frozenset({"big.bin"})}),
@@ -175,20 +224,14 @@ def test_a_dropped_data_connection_keeps_the_file_on_the_server(start_ftp_server
     assert result.files[0].reason.startswith("426")
 
 
-def test_a_short_download_is_caught_by_the_size_check(ftp_server, spool, monkeypatch):
-    ftp_server.put("a.xml", b"0123456789")
-    # A server that says the transfer completed after sending part of the file: only the
+def test_a_short_download_is_caught_by_the_size_check(start_ftp_server, spool):
+    # The server lists 20 bytes, sends 10 and reports the transfer complete: only the
     # listed size tells.
-    real_list = FtpTransport.list
-
-    def bigger_listing(transport, with_links=True):
-        entries = real_list(transport, with_links)
-        for entry in entries:
-            if entry.name == "a.xml":
-                entry.size = 20
-        return entries
-
-    monkeypatch.setattr(FtpTransport, "list", bigger_listing)
+    ftp_server = start_ftp_server(
+        abstracted_fs=type("Halving", (FaultyFS,), {"halved": frozenset({"a.xml"})}),
+        use_sendfile=False,
+    )
+    ftp_server.put("a.xml", b"01234567890123456789")
 
     result = import_(**ftp_server.options(spool))
 
@@ -553,19 +596,20 @@ def test_names_in_any_encoding_are_imported_side_by_side(start_ftp_server, spool
     assert os.listdir(bytes(server.dir)) == []
 
 
-def test_the_stability_check_waits_for_files_still_growing(ftp_server, spool):
+def test_the_stability_check_waits_for_files_still_growing(start_ftp_server, spool, tmp_path):
+    growing = tmp_path / "ftp0" / "outbox" / "growing.xml"
+    ftp_server = start_ftp_server(
+        handler_class=type("Growing", (GrowingHandler,), {"growing": growing})
+    )
+    assert growing.parent == ftp_server.dir
     ftp_server.put("done.xml", b"done")
     old = time.time() - 3600
     os.utime(ftp_server.dir / "done.xml", (old, old))
     ftp_server.put("young.xml", b"young")
-    growing = ftp_server.dir / "growing.xml"
     growing.write_bytes(b"start")
     os.utime(growing, (old, old))
-    writer = threading.Timer(0.3, lambda: growing.write_bytes(b"start and more"))
-    writer.start()
 
-    result = import_(**ftp_server.options(spool), stable_after=600, stability_interval=1)
-    writer.join()
+    result = import_(**ftp_server.options(spool), stable_after=600, stability_interval=0.1)
 
     assert spooled(spool) == {"done.xml": b"done"}
     assert ftp_server.names() == ["growing.xml", "young.xml"]
@@ -639,15 +683,15 @@ def test_large_files_arrive_whole_where_direct_writes_are_refused_after_all(
     ftp_server, spool, monkeypatch
 ):
     payloads = put_large_files(ftp_server)
-    write = os.write
 
     def refuse_direct(fd, data):
-        # Filesystems that take O_DIRECT but not in these sizes, which no local one is.
         if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
             raise OSError(errno.EINVAL, "Invalid argument")
-        return write(fd, data)
+        return os.write(fd, data)
 
-    monkeypatch.setattr(partial.os, "write", refuse_direct)
+    # Filesystems that take O_DIRECT but not in these sizes, which no local one is: only the
+    # spool's writes (imports/partial.py's os) are refused, not the FTP server's.
+    monkeypatch.setattr(partial, "os", SimpleNamespace(**vars(os) | {"write": refuse_direct}))
 
     result = import_(**ftp_server.options(spool))
 
@@ -686,15 +730,34 @@ def resident_bytes(path) -> int:
     return int(output)
 
 
-def test_large_files_are_written_around_the_page_cache(ftp_server, spool):
-    filesystem = subprocess.run(
-        ["stat", "--file-system", "--format", "%T", str(spool.parent)],
+def filesystem_type(path) -> str:
+    return subprocess.run(
+        ["stat", "--file-system", "--format", "%T", str(path)],
         capture_output=True,
         text=True,
         check=True,
     ).stdout.strip()
-    if filesystem == "tmpfs":
-        pytest.skip("tmpfs keeps every file in the page cache")
+
+
+@pytest.fixture
+def disk_folder(tmp_path):
+    """A folder on a disk's filesystem: tmpfs keeps every file in the page cache, so where
+    the temporary folder is one, /var/tmp."""
+    if filesystem_type(tmp_path) != "tmpfs":
+        yield tmp_path
+        return
+    folder = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="datacenter-test-"))
+    if filesystem_type(folder) == "tmpfs":
+        shutil.rmtree(folder)
+        if os.environ.get("DATACENTER_REQUIRE_SERVERS"):
+            pytest.fail("Neither the temporary folder nor /var/tmp is on a disk.")
+        pytest.skip("neither the temporary folder nor /var/tmp is on a disk")
+    yield folder
+    shutil.rmtree(folder)
+
+
+def test_large_files_are_written_around_the_page_cache(ftp_server, disk_folder):
+    spool = disk_folder / "spool"
     payloads = put_large_files(ftp_server)
 
     result = import_(**ftp_server.options(spool))
@@ -731,23 +794,21 @@ def test_the_devserver_command_serves_a_folder(tmp_path, spool):
     assert spooled(spool) == {"a.xml": b"<a/>"}
 
 
-def test_a_full_disk_is_reported_as_such_and_loses_nothing(
-    ftp_server, spool, cds_log, monkeypatch
-):
+def test_a_full_disk_is_reported_as_such_and_loses_nothing(ftp_server, small_filesystem, cds_log):
     ftp_server.put("a.xml", b"<a/>")
     ftp_server.put("b.xml", b"<b/>")
-    # The kernel's own "disk full": every write to /dev/full fails with ENOSPC.
-    monkeypatch.setattr(partial, "open_partial", lambda path: os.open("/dev/full", os.O_WRONLY))
+    spool = small_filesystem("256k") / "spool"
+    FileStore(spool).prepare()
+    fill_up(spool.parent, leave=4096)  # a page for our lock's record, none for the files
 
     result = import_(**ftp_server.options(spool))
 
     log = messages(cds_log)
     assert "Could not write to the spool: No space left on device" in log
     assert "Error accessing FTP server." not in log
-    assert {
-        "Could not store a.xml; it stays on the server.",
-        "Could not store b.xml; it stays on the server.",
-    } & set(log)
+    # One connection takes the files in order; a full spool ends the run at the first.
+    assert "Could not store a.xml; it stays on the server." in log
+    assert "Downloading: b.xml" not in log
     assert "File removed on server: a.xml" not in log
     assert log[-4:] == [
         "Removing lock file: read",

@@ -9,7 +9,7 @@ from pyftpdlib.handlers import ThrottledDTPHandler
 
 from imports import cds
 from imports.cds import export_
-from imports.outgoing import UPLOAD_RECORD
+from imports.outgoing import TAKEN, UPLOAD_RECORD
 from imports.spool import FileStore
 
 from .conftest import ROOT, kill_when, written
@@ -137,6 +137,41 @@ def test_killed_after_the_rename_is_not_sent_twice(ftp_server, tmp_path, cds_log
         ("b.xml", ""),
     ]
     assert "Uploading: a.xml" not in messages(cds_log)
+
+
+def test_a_renamed_upload_of_another_size_is_the_partners_file_and_never_counted(
+    ftp_server, tmp_path, cds_log
+):
+    """A record says our a.xml was being renamed, but the a.xml on the server is not ours
+    (another size): it is the partner's, kept as it is, and our file is not delivered."""
+    store = outgoing(tmp_path, {"a.xml": b"ours"})
+    spool = FileStore(store)
+    ftp_server.put("a.xml", b"the partner's")
+    record = {"name": "a.xml", "raw": b"a.xml".hex(), "temp": b".a.xml.part".hex(), "size": 4}
+    spool.write_record(UPLOAD_RECORD, {**record, "phase": "renaming"})
+
+    result = export_(**ftp_server.options(store))
+
+    assert on_server(ftp_server) == {"a.xml": b"the partner's"}
+    assert spooled(store) == {"a.xml": b"ours"}
+    assert spooled(store, "cur") == {}
+    assert result.delivered == []
+    assert [(file.name, file.reason) for file in result.files] == [("a.xml", TAKEN)]
+    assert "Completed the export of an earlier run: a.xml" not in messages(cds_log)
+    assert spool.record(UPLOAD_RECORD) is None
+
+
+def test_an_unreadable_upload_record_is_dropped(ftp_server, tmp_path, cds_log):
+    store = outgoing(tmp_path, {"a.xml": b"a"})
+    FileStore(store).write_record(UPLOAD_RECORD, {"name": "a.xml"})  # cut off
+
+    result = export_(**ftp_server.options(store))
+
+    assert result.status == cds.SUCCESS
+    assert "Dropped an unreadable record of an earlier upload." in messages(cds_log)
+    assert on_server(ftp_server) == {"a.xml": b"a"}
+    assert spooled(store, "cur") == {"a.xml": b"a"}
+    assert FileStore(store).record(UPLOAD_RECORD) is None
 
 
 # Debian's vsftpd: an anonymous write-only drop box that lists no hidden files.

@@ -8,12 +8,14 @@ import signal
 import subprocess
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from django.utils import timezone
 
 from imports.models import ImportRun
-from imports.runs import enqueue_import
+from imports.runs import enqueue_import, run_import
 
 from .conftest import make_source, start_manage, wait_for, written
 from .ftp import LARGE_PAYLOAD, slow_dtp
@@ -123,3 +125,28 @@ def test_workers_and_cron_at_one_source_deliver_every_file_once(start_ftp_server
     assert len(queued) >= 3 and all(
         run.status != "queued" for run in ImportRun.objects.filter(pk__in=[r.pk for r in queued])
     )
+
+
+def test_a_long_run_renews_its_claim_and_keeps_others_out(start_ftp_server, spool, settings):
+    settings.CDS_CLAIM_LEASE = 3
+    dtp = slow_dtp()
+    server = start_ftp_server(dtp_handler=dtp)
+    server.put("large.bin", os.urandom(LARGE_PAYLOAD))  # 16 s at the slow rate
+    source = make_source(server, spool)
+    importer = start_manage("cds_import", "partner", CDS_CLAIM_LEASE="3")
+    try:
+        wait_for(lambda: written(Path(spool) / "tmp" / ".large.bin.part"), importer)
+        source.refresh_from_db()
+        first_lease = source.claimed_until
+        # Past the lease the run took at its start: only a renewal keeps it.
+        wait_for(lambda: timezone.now() > first_lease + timedelta(seconds=1), importer)
+
+        second = run_import(source, trigger="cron")
+
+        source.refresh_from_db()
+        assert source.claimed_until > first_lease
+        assert second.status == ImportRun.BUSY
+    finally:
+        dtp.write_limit = 0
+        assert importer.wait(timeout=60) == 0
+    assert server.names() == []

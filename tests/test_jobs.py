@@ -1,22 +1,32 @@
 """Jobs: processing and relocation carried out by the task worker, followed on their page,
 and what is left when the process carrying them out is killed."""
 
-import errno
 import os
 import subprocess
 import sys
+from datetime import timedelta
 
 import pytest
 from django.contrib.auth.hashers import make_password
 from django.contrib.auth.models import Group, Permission, User
 from django.urls import reverse
+from django.utils import timezone
 
 from datacenter import jobs, recovery
 from datacenter.models import Job, StorageLocation, current_datacenter
 from datacenter.processing import process_file
-from datacenter.storage import Distribution
+from datacenter.storage import DataCenter
 
-from .conftest import ROOT, kill_when, process_env, run_worker, start_manage, tree, write
+from .conftest import (
+    ROOT,
+    fill_up,
+    kill_when,
+    process_env,
+    run_worker,
+    start_manage,
+    tree,
+    write,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -171,10 +181,14 @@ jobs.run_job(Job.objects.get(pk={pk}))
 
 @pytest.mark.django_db(transaction=True)
 def test_a_job_killed_between_commit_and_distribution_is_distributed_on_recovery(
-    datacenter, manager, monkeypatch
+    manager, small_filesystem
 ):
+    disk = small_filesystem("1m")
+    datacenter = DataCenter(str(disk / "storage"))
     share_storage(datacenter)
     write(os.path.join(datacenter.storage, "staff.csv"), "username,email\nann,a@x.org\nbob,b@\n")
+    finished = os.path.join(datacenter.finished_path, "staff.create.finished.csv")
+    write(finished, "username,email\r\nzed,z@x.org\r\n")  # of an earlier run: merged into
     job = Job.objects.create(kind=Job.PROCESS, user=manager, file_name="staff.csv", mode="create")
     job.processor = "users"
     job.save()
@@ -192,16 +206,13 @@ def test_a_job_killed_between_commit_and_distribution_is_distributed_on_recovery
     assert User.objects.filter(username="ann").exists()
     assert datacenter.pending_files()[0].name == "staff.csv"  # not yet distributed
 
-    # A recovery whose distribution fails (a full disk, say) leaves the job to the next one.
-    def disk_full(*args):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    with monkeypatch.context() as patched:
-        patched.setattr(Distribution, "apply", disk_full)
-        assert recovery.recover_jobs() == 0
+    # A recovery whose distribution fails on a full disk leaves the job to the next one.
+    fill_up(disk)
+    assert recovery.recover_jobs() == 0
     job.refresh_from_db()
     assert (job.status, job.pid) == (Job.COMMITTED, None)
     assert job.error == "Distributing failed: OSError: [Errno 28] No space left on device"
+    os.unlink(disk / "filler")
 
     assert recovery.recover_jobs() == 1
 
@@ -210,9 +221,8 @@ def test_a_job_killed_between_commit_and_distribution_is_distributed_on_recovery
     assert job.result["errors"] == [[3, "email: Enter a valid email address."]]
     assert [f.name for f in datacenter.pending_files()] == ["staff.create.pending.csv"]
     assert os.listdir(datacenter.unfinished_path) == ["staff.csv"]
-    finished = os.path.join(datacenter.finished_path, "staff.create.finished.csv")
     with open(finished, "rb") as handle:
-        assert handle.read() == b"username,email\r\nann,a@x.org\r\n"
+        assert handle.read() == b"username,email\r\nzed,z@x.org\r\nann,a@x.org\r\n"
     assert not os.listdir(os.path.join(datacenter.storage, ".jobs"))
 
 
@@ -246,3 +256,139 @@ def test_a_relocation_killed_half_way_is_finished_by_relocating_again(
     moved = {name: data for name, data in tree(new).items() if not name.startswith("logs/")}
     assert moved == {name: data for name, data in expected.items() if "logs/" not in name}
     assert os.listdir(datacenter.storage) == []
+
+
+# Failures of background work
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_background_job_that_fails_tells_why_and_leaves_no_partial_work(
+    client, datacenter, manager, settings
+):
+    settings.DATACENTER_RUN_AT_ONCE_SIZE = 0  # to the worker
+    share_storage(datacenter)
+    path = users_file(datacenter, "staff.csv", 3)
+    job = jobs.start_processing(
+        name="staff.csv", processor="users", mode="create", dry_run=False, user=manager
+    )
+    # Between the request and the worker, the file was overwritten with what no CSV is.
+    write(path, b"username,email\n" + b"\xff\xfe\x00" * 100)
+
+    run_worker()
+
+    job.refresh_from_db()
+    assert job.status == Job.FAILED
+    assert job.error == (
+        "staff.csv is not a readable UTF-8 CSV file: line 2 holds bytes that are not UTF-8 "
+        "text. Save it as UTF-8 (CSV UTF-8 in Excel) and upload it again. Nothing was changed."
+    )
+    assert not os.path.exists(os.path.join(datacenter.storage, ".jobs", str(job.pk)))
+    assert not User.objects.filter(username__startswith="user").exists()
+    client.force_login(manager)
+    page = client.get(reverse("datacenter:job", kwargs={"pk": job.pk})).content.decode()
+    assert job.error in page
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_relocation_to_another_filesystem_copies_the_files(
+    datacenter, manager, small_filesystem
+):
+    share_storage(datacenter)
+    for number in range(3):
+        path = write(os.path.join(datacenter.storage, f"f{number}.csv"), f"n\n{number}\n")
+        os.utime(path, (1_700_000_000 + number, 1_700_000_000 + number))
+    write(os.path.join(datacenter.finished_path, "old.csv"), "n\n9\n")
+    expected = {
+        name: data for name, data in tree(datacenter.storage).items() if "logs/" not in name
+    }
+    new = small_filesystem("1m") / "storage"  # a rename there fails with EXDEV
+
+    job = jobs.start_relocation(path=str(new), move=True, overwrite=False, user=manager)
+    run_worker()
+
+    job.refresh_from_db()
+    assert (job.status, job.result["not_moved"]) == (Job.SUCCESS, [])
+    assert current_datacenter().storage == str(new)
+    moved = tree(new)
+    assert {name: data for name, data in moved.items() if "logs/" not in name} == expected
+    assert os.stat(new / "f2.csv").st_mtime == 1_700_000_002
+    assert [name for name in tree(datacenter.storage) if "logs/" not in name] == []
+    assert not [name for name in os.listdir(new) if name.endswith(".part")]
+
+
+# Who takes a job over
+
+
+def test_a_job_of_another_host_is_taken_for_dead_only_after_its_lease(manager, settings):
+    settings.DATACENTER_JOB_LEASE = 600
+    now = timezone.now()
+    fresh, expired = (
+        Job.objects.create(
+            kind=Job.EXPORT,
+            user=manager,
+            processor="users",
+            status=Job.RUNNING,
+            host="elsewhere",
+            pid=4242,
+            updated=now - timedelta(seconds=seconds),
+        )
+        for seconds in (599, 601)
+    )
+
+    assert recovery.recover_jobs() == 1
+
+    fresh.refresh_from_db()
+    expired.refresh_from_db()
+    assert (fresh.status, fresh.host) == (Job.RUNNING, "elsewhere")
+    assert expired.status == Job.INTERRUPTED
+    assert expired.error == (
+        "The process carrying it out (host elsewhere, process 4242) died. No export was "
+        "written; start it again."
+    )
+
+
+def test_a_job_begun_elsewhere_is_left_to_its_process(datacenter, manager):
+    users_file(datacenter, "staff.csv", 2)
+    job = Job.objects.create(
+        kind=Job.PROCESS,
+        user=manager,
+        file_name="staff.csv",
+        processor="users",
+        mode="create",
+        status=Job.RUNNING,
+        host="elsewhere",
+        pid=4242,
+        updated=timezone.now(),
+    )
+
+    assert jobs.run_job(job).status == Job.RUNNING
+
+    job.refresh_from_db()
+    assert (job.status, job.host, job.done) == (Job.RUNNING, "elsewhere", 0)
+    assert not User.objects.filter(username__startswith="user").exists()
+
+
+def test_a_dead_job_is_recovered_by_one_process_only(manager, monkeypatch):
+    job = Job.objects.create(
+        kind=Job.EXPORT,
+        user=manager,
+        processor="users",
+        status=Job.RUNNING,
+        host="elsewhere",
+        pid=4242,
+        updated=timezone.now() - timedelta(days=1),
+    )
+    is_dead = recovery._is_dead
+
+    def another_process_recovers_first(candidate):
+        # The other process's conditional update lands between this one's reading of the job
+        # and its own update: a moment no real timing produces on demand.
+        Job.objects.filter(pk=candidate.pk).update(host="other", pid=99, updated=timezone.now())
+        return is_dead(candidate)
+
+    monkeypatch.setattr(recovery, "_is_dead", another_process_recovers_first)
+
+    assert recovery.recover_jobs() == 0
+
+    job.refresh_from_db()
+    assert (job.status, job.host, job.pid, job.error) == (Job.RUNNING, "other", 99, "")

@@ -1,18 +1,22 @@
 """Running the site in production: the health check, the task worker's heartbeat and the
 settings behind TLS."""
 
+import io
 import json
+import re
 import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from django.contrib.auth.models import User
+from django.core.management import CommandError, call_command
 from django.urls import reverse
 from django.utils import timezone
 
 from datacenter import health
-from datacenter.models import WorkerHeartbeat
+from datacenter.models import StorageLocation, WorkerHeartbeat
 
 from .conftest import process_env, start_manage, wait_for
 
@@ -136,7 +140,8 @@ def test_the_deploy_check_is_clean_behind_tls_and_not_before():
 
 
 @pytest.mark.django_db(transaction=True)
-def test_behind_tls_plain_http_is_redirected_except_the_health_check():
+def test_behind_tls_plain_http_is_redirected_except_the_health_check(tmp_path):
+    StorageLocation.objects.update_or_create(pk=1, defaults={"path": str(tmp_path)})
     script = (
         "import json; from django.test import Client; c = Client(); "
         "r = [c.get('/datacenter/'), c.get('/healthz'), "
@@ -149,6 +154,69 @@ def test_behind_tls_plain_http_is_redirected_except_the_health_check():
     plain, healthz, proxied = json.loads(result.stdout.strip().splitlines()[-1])
 
     assert plain[:2] == [301, "https://testserver/datacenter/"]
-    assert healthz[0] in (200, 503)
+    assert healthz[0] == 200  # answered over plain HTTP: the database and storage are fine
     assert proxied[0] == 302 and proxied[1].startswith("/accounts/login/")
     assert proxied[2] == "max-age=31536000; includeSubDomains; preload"
+
+
+def test_the_first_admin_is_created_once_with_a_password_to_log_in(monkeypatch):
+    monkeypatch.delenv("DJANGO_ADMIN_USER", raising=False)
+    monkeypatch.delenv("DJANGO_ADMIN_PASSWORD", raising=False)
+    out = io.StringIO()
+
+    call_command("create_first_admin", stdout=out)
+
+    said = re.fullmatch(
+        r"Created the administrator account: user 'admin', password '([\w-]{16})'\.\n",
+        out.getvalue(),
+    )
+    assert said, out.getvalue()
+    password = said[1]
+    assert User.objects.get(username="admin").check_password(password)
+    again = io.StringIO()
+    call_command("create_first_admin", stdout=again)
+    assert again.getvalue().strip() == "An administrator account exists already; none was created."
+    assert User.objects.count() == 1
+
+
+def test_the_first_admin_takes_its_name_and_password_from_the_environment(monkeypatch):
+    monkeypatch.setenv("DJANGO_ADMIN_USER", "root-of-all")
+    monkeypatch.setenv("DJANGO_ADMIN_PASSWORD", "a long passphrase")
+    out = io.StringIO()
+
+    call_command("create_first_admin", stdout=out)
+
+    assert out.getvalue().strip() == (
+        "Created the administrator account 'root-of-all' with DJANGO_ADMIN_PASSWORD."
+    )
+    assert User.objects.get(username="root-of-all").check_password("a long passphrase")
+    assert User.objects.get().is_superuser
+
+
+def test_the_first_admin_never_takes_over_an_account(monkeypatch):
+    User.objects.create_user(username="admin", password="mine")
+    monkeypatch.delenv("DJANGO_ADMIN_USER", raising=False)
+
+    with pytest.raises(CommandError, match="An account 'admin' exists and is no administrator"):
+        call_command("create_first_admin")
+
+    assert not User.objects.filter(is_superuser=True).exists()
+
+
+def test_the_health_check_tells_a_database_that_cannot_be_reached(tmp_path):
+    script = (
+        "import json; from django.test import Client; r = Client().get('/healthz'); "
+        "print(json.dumps([r.status_code, r.json()]))"
+    )
+    missing = f"sqlite:///{tmp_path}/no-such-folder/db.sqlite3"
+
+    result = manage("shell", "-c", script, DATABASE_URL=missing, **PRODUCTION)
+
+    assert result.returncode == 0, result.stderr
+    status, report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert status == 503
+    assert (report["status"], report["database"], report["workers"]) == (
+        "failing",
+        "unreachable",
+        {},
+    )

@@ -260,7 +260,9 @@ def test_a_file_that_is_not_utf8_is_refused_and_nothing_changes(datacenter):
         handle.write("jürgen,Jürgen\n".encode("latin-1"))
     before = tree(datacenter.storage)
 
-    with pytest.raises(ProcessingError, match="not a readable UTF-8 CSV file"):
+    with pytest.raises(
+        ProcessingError, match="latin.csv is not a readable UTF-8 CSV file: line 3"
+    ):
         process_file(datacenter, "latin.csv", "users", "create")
 
     assert tree(datacenter.storage) == before

@@ -79,6 +79,9 @@ def test_a_claim_of_a_dead_run_expires_after_the_lease(source, ftp_server):
     )
 
     assert run_import(source, trigger="cron").status == "nothing"
+    dead.refresh_from_db()
+    assert dead.status == "interrupted"
+    assert dead.error == "The process running it (host ?, process None) died."
 
 
 def test_the_password_is_never_logged(source, ftp_server):

@@ -31,7 +31,8 @@ def test_a_new_data_center_creates_its_subfolders(tmp_path):
 
 
 def test_pending_files_are_the_csv_files_in_the_root(datacenter):
-    write(os.path.join(datacenter.storage, "data.csv"), "Blah\nbleh\nbliss")
+    data = write(os.path.join(datacenter.storage, "data.csv"), "Blah\nbleh\nbliss")
+    os.utime(data, (1_700_000_000, 1_700_000_000))
     write(os.path.join(datacenter.storage, "notes.txt"), "not a CSV")
     write(os.path.join(datacenter.storage, ".hidden.csv"), "a,b\n")
     write(os.path.join(datacenter.finished_path, "old.csv"), "a\n")
@@ -42,7 +43,8 @@ def test_pending_files_are_the_csv_files_in_the_root(datacenter):
     assert (file.name, file.rel_path, file.size, file.lines) == ("data.csv", "data.csv", 15, 3)
     assert file.path == os.path.join(datacenter.storage, "data.csv")
     assert file.get_size() == "15 bytes"
-    assert datetime.strptime(file.get_date(), "%Y-%m-%d %H:%M:%S")
+    local = datetime.fromtimestamp(1_700_000_000)  # in the process's time zone, as listed
+    assert file.get_date() == local.strftime("%Y-%m-%d %H:%M:%S")
     assert file.modified.tzinfo is not None
 
 

@@ -2,7 +2,7 @@ import os
 import secrets
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
 
 class Command(BaseCommand):
@@ -16,12 +16,14 @@ class Command(BaseCommand):
         if users.filter(is_superuser=True).exists():
             return "An administrator account exists already; none was created."
         username = os.environ.get("DJANGO_ADMIN_USER", "admin")
-        password = os.environ.get("DJANGO_ADMIN_PASSWORD")
-        users.create_superuser(username=username, email="", password=password or None)
-        if password:
+        if users.filter(username=username).exists():
+            raise CommandError(
+                f"An account {username!r} exists and is no administrator; none was created. "
+                "Set DJANGO_ADMIN_USER to a new name, or make that account a superuser."
+            )
+        given = os.environ.get("DJANGO_ADMIN_PASSWORD")
+        password = given or secrets.token_urlsafe(12)
+        users.create_superuser(username=username, email="", password=password)
+        if given:
             return f"Created the administrator account {username!r} with DJANGO_ADMIN_PASSWORD."
-        password = secrets.token_urlsafe(12)
-        user = users.get(username=username)
-        user.set_password(password)
-        user.save(update_fields=["password"])
         return f"Created the administrator account: user {username!r}, password {password!r}."

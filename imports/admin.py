@@ -100,12 +100,12 @@ class CdsSourceAdmin(admin.ModelAdmin):
 
     @admin.action(description="Run CDS export now", permissions=["run_import"])
     def export_now(self, request, queryset):
-        without = [source.name for source in queryset if not source.export_dir]
+        without = [source.name for source in queryset if not source.exports]
         if without:
             self.message_user(
                 request, f"No export directory is set for: {', '.join(without)}.", messages.WARNING
             )
-        self.enqueue(request, queryset.exclude(export_dir=""), ImportRun.EXPORT)
+        self.enqueue(request, queryset.exporting(), ImportRun.EXPORT)
 
     def enqueue(self, request, queryset, direction: str) -> None:
         runs = [

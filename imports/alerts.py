@@ -37,7 +37,7 @@ def problem(source: CdsSource, now: datetime) -> str | None:
         return None
     runs = source.runs.filter(finished__isnull=False, finished__lte=now)
     reason = _problem(source, runs.filter(direction=ImportRun.IMPORT), now)
-    if reason is None and source.export_dir:
+    if reason is None and source.exports:
         reason = _problem(source, runs.filter(direction=ImportRun.EXPORT), now)
         if reason:
             reason = f"Exports: {reason}"

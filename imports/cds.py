@@ -17,7 +17,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from .fetch import FileOutcome, SpoolError, fetch, finish_journeys, repair, spool_errors
-from .outgoing import ExportResult, export_
+from .outgoing import ExportResult, export_, export_to
 from .protocol import (
     FAILED,
     LOCK_NAMES,
@@ -31,11 +31,7 @@ from .protocol import (
     run_under_lock,
 )
 from .spool import FileStore
-from .transports import (
-    PermanentError,
-    RemoteEntry,
-    TemporaryError,
-)
+from .transports import ConnectionSettings, PermanentError, RemoteEntry, TemporaryError
 
 __all__ = [
     "FAILED",
@@ -43,6 +39,7 @@ __all__ = [
     "NOTHING",
     "SUCCESS",
     "WRITE_LOCK",
+    "ConnectionSettings",
     "ExportResult",
     "FileOutcome",
     "ImportResult",
@@ -50,7 +47,9 @@ __all__ = [
     "RunResult",
     "TemporaryError",
     "export_",
+    "export_to",
     "import_",
+    "import_from",
     "name_problem",
 ]
 
@@ -76,6 +75,37 @@ def import_(
     passphrase: str = "",
     timeout: float = 30,
     passive: bool = True,
+    **options,
+) -> ImportResult:
+    """Import every new file of the CDS directory `path` on the server at `host` into the
+    spool at `store_dir`, as the seed calls it; `options` are import_from's.
+
+    `protocol` is ``ftp``, ``ftps`` (explicit TLS, verified against `ca_file` or the
+    system's CAs) or ``sftp`` (the server's key pinned as `host_key`; login with the private
+    key `key_file`, opened with `passphrase`, and/or the password). `timeout` bounds every
+    network operation, in seconds.
+    """
+    connection = ConnectionSettings(
+        host,
+        port,
+        user,
+        password,
+        protocol=protocol,
+        ca_file=ca_file,
+        host_key=host_key,
+        key_file=key_file,
+        passphrase=passphrase,
+        timeout=timeout,
+        passive=passive,
+    )
+    return import_from(store_dir, connection, path, **options)
+
+
+def import_from(
+    store_dir: str,
+    connection: ConnectionSettings,
+    path: str,
+    *,
     parallel: int = 1,
     stable_after: float | None = None,
     stability_interval: float = 2,
@@ -85,17 +115,14 @@ def import_(
     progress: Callable[[int, int], None] | None = None,
     on_file: Callable[[FileOutcome], None] | None = None,
 ) -> ImportResult:
-    """Import every new file of the CDS directory `path` into the spool at `store_dir`.
+    """Import every new file of the CDS directory `path` on the server of `connection` into
+    the spool at `store_dir`.
 
-    `protocol` is ``ftp``, ``ftps`` (explicit TLS, verified against `ca_file` or the
-    system's CAs) or ``sftp`` (the server's key pinned as `host_key`; login with the private
-    key `key_file`, opened with `passphrase`, and/or the password). `timeout` bounds every
-    network operation, in seconds. Up to `parallel` connections transfer files at once under
-    the one lock (fetch.py); with one, as the seed calls it, a file at a time. With
-    `stable_after`
-    (seconds), a file is taken only when its size did not change across two listings
-    `stability_interval` seconds apart and it is at least that old, for partners that do not
-    hold ``write`` while uploading.
+    Up to `parallel` connections transfer files at once under the one lock (fetch.py); with
+    one, as the seed calls it, a file at a time. With `stable_after` (seconds), a file is
+    taken only when its size did not change across two listings `stability_interval`
+    seconds apart and it is at least that old, for partners that do not hold ``write`` while
+    uploading.
 
     Whether a ``read`` lock on the server is our own is known from the spool's lock record
     only. Ours is stale when its process is gone (this host), older than `lock_lease` seconds
@@ -138,22 +165,12 @@ def import_(
         store,
         READ_LOCK,
         work,
-        host=host,
-        port=port,
-        user=user,
-        password=password,
+        connection=connection,
         path=path,
-        protocol=protocol,
         lock_lease=lock_lease,
         claimed=claimed,
         run_label=run_label,
         failed_files="could not be imported and stay on the server.",
-        timeout=timeout,
-        passive=passive,
-        ca_file=ca_file,
-        host_key=host_key,
-        key_file=key_file,
-        passphrase=passphrase,
     )
 
 

@@ -9,8 +9,16 @@ from django.utils import timezone
 
 from . import validation
 from .spool import FileStore
+from .transports import ConnectionSettings
 
 OUTGOING_FOLDER = "out"
+
+
+class CdsSourceQuerySet(models.QuerySet):
+    def exporting(self):
+        """The sources that deliver files to their partner: those with an export directory
+        (the one rule, also of CdsSource.exports)."""
+        return self.exclude(export_dir="")
 
 
 class CdsSource(models.Model):
@@ -146,6 +154,8 @@ class CdsSource(models.Model):
     )
     export_claimed_until = models.DateTimeField(null=True, blank=True)
 
+    objects = CdsSourceQuerySet.as_manager()
+
     class Meta:
         ordering = ["name"]
         permissions = [
@@ -195,6 +205,27 @@ class CdsSource(models.Model):
     def outgoing_store(self) -> FileStore:
         """The spool of files to deliver to the partner: out/ in the spool folder."""
         return FileStore(os.path.join(self.spool_dir, OUTGOING_FOLDER))
+
+    @property
+    def exports(self) -> bool:
+        """Whether this source delivers files to its partner: CdsSourceQuerySet.exporting's
+        rule, for one source at hand."""
+        return self.export_dir != ""
+
+    def connection(self) -> ConnectionSettings:
+        return ConnectionSettings(
+            self.host,
+            self.port,
+            self.user,
+            self.password,
+            protocol=self.protocol,
+            ca_file=self.ca_file or None,
+            host_key=self.host_key,
+            key_file=self.key_file,
+            passphrase=self.passphrase,
+            timeout=self.timeout,
+            passive=self.passive,
+        )
 
     def last_run(self, direction: str = "import"):
         runs = self.runs.filter(direction=direction).exclude(status=ImportRun.QUEUED)

@@ -33,6 +33,7 @@ from .spool import FileStore
 from .transports import (
     CONNECTION_ERRORS,
     SERVER_ERRORS,
+    ConnectionSettings,
     PermanentError,
     UnlistableFolder,
 )
@@ -67,6 +68,31 @@ def export_(
     passphrase: str = "",
     timeout: float = 30,
     passive: bool = True,
+    **options,
+) -> ExportResult:
+    """Send every file of the outgoing spool's ``new/`` at `store_dir` to the CDS directory
+    `path` on the server at `host`, as import_ is called; `options` are export_to's."""
+    connection = ConnectionSettings(
+        host,
+        port,
+        user,
+        password,
+        protocol=protocol,
+        ca_file=ca_file,
+        host_key=host_key,
+        key_file=key_file,
+        passphrase=passphrase,
+        timeout=timeout,
+        passive=passive,
+    )
+    return export_to(store_dir, connection, path, **options)
+
+
+def export_to(
+    store_dir: str,
+    connection: ConnectionSettings,
+    path: str,
+    *,
     lock_lease: float = 3600,
     claimed: bool = False,
     run_label: str = "",
@@ -74,12 +100,12 @@ def export_(
     on_file: Callable[[FileOutcome], None] | None = None,
 ) -> ExportResult:
     """Send every file of the outgoing spool's ``new/`` at `store_dir` to the CDS directory
-    `path`, and move each one sent to ``cur/``.
+    `path` on the server of `connection`, and move each one sent to ``cur/``.
 
-    The transport options and the lock handling (`lock_lease`, `claimed`) are those of
-    import_, for the ``write`` lock. Without files to send (and nothing of an earlier run to
-    finish), the server is not contacted. `progress(done, total)` is called after each file,
-    `on_file(outcome)` as soon as a file is sent, failed or skipped.
+    The lock handling (`lock_lease`, `claimed`) is import_from's, for the ``write`` lock.
+    Without files to send (and nothing of an earlier run to finish), the server is not
+    contacted. `progress(done, total)` is called after each file, `on_file(outcome)` as soon
+    as a file is sent, failed or skipped.
     """
     log.info("Starting export.")
     result = ExportResult(on_file=on_file)
@@ -123,22 +149,12 @@ def export_(
         store,
         WRITE_LOCK,
         work,
-        host=host,
-        port=port,
-        user=user,
-        password=password,
+        connection=connection,
         path=path,
-        protocol=protocol,
         lock_lease=lock_lease,
         claimed=claimed,
         run_label=run_label,
         failed_files="could not be exported and stay in new/.",
-        timeout=timeout,
-        passive=passive,
-        ca_file=ca_file,
-        host_key=host_key,
-        key_file=key_file,
-        passphrase=passphrase,
     )
 
 

@@ -29,6 +29,7 @@ from .spool import FileStore
 from .transports import (
     CONNECTION_ERRORS,
     SERVER_ERRORS,
+    ConnectionSettings,
     HostKeyError,
     PermanentError,
     UnlistableFolder,
@@ -106,39 +107,35 @@ def run_under_lock(
     own: str,
     work: Callable,
     *,
-    host: str,
-    port: int,
-    user: str,
-    password: str,
+    connection: ConnectionSettings,
     path: str,
-    protocol: str,
     lock_lease: float,
     claimed: bool,
     run_label: str,
     failed_files: str,
-    **transport_options,
 ) -> RunResult:
-    """Connect, take the lock `own` in the directory `path` and do `work(transport,
-    reconnect)` under it; then remove the lock, whatever failed, and return `result`.
+    """Connect to the server of `connection`, take the lock `own` in the directory `path` and
+    do `work(transport, reconnect)` under it; then remove the lock, whatever failed, and
+    return `result`.
 
     `work` raises SpoolError, a server error or a connection error to end the run failed;
     `reconnect()` opens another connection in `path`. When the lock cannot be taken the run
     ends `locked`. `failed_files` ends the error of a run in which files failed.
     """
-    # The seed's words name an FTP server; an SFTP run says what it talks to.
-    kind = "SFTP" if protocol == "sftp" else "FTP"
+    kind = connection.kind
     log.info(
         "Connecting to CDS %s server (host %s, port %s, user %s, dir %s)",
         kind,
-        host,
-        port,
-        user,
+        connection.host,
+        connection.port,
+        connection.user,
         path,
     )
-    server = f"{protocol}://{user}@{host}:{port}/{path.lstrip('/')}"
-    open_connection = functools.partial(
-        open_transport, protocol, host, port, user, password, **transport_options
+    server = (
+        f"{connection.protocol}://{connection.user}@{connection.host}:{connection.port}/"
+        f"{path.lstrip('/')}"
     )
+    open_connection = functools.partial(open_transport, connection)
     reconnect = connect_in(path, open_connection)
     transport = connect(result, open_connection, kind)
     if transport is None:

@@ -384,23 +384,6 @@ def run_export(source: CdsSource, **options) -> ImportRun:
     return run_import(source, direction=ImportRun.EXPORT, **options)
 
 
-def transfer_options(source: CdsSource) -> dict:
-    """The options of import_ and export_ that say how to reach the server of `source`."""
-    return {
-        "host": source.host,
-        "port": source.port,
-        "user": source.user,
-        "password": source.password,
-        "protocol": source.protocol,
-        "ca_file": source.ca_file or None,
-        "host_key": source.host_key,
-        "key_file": source.key_file,
-        "passphrase": source.passphrase,
-        "timeout": source.timeout,
-        "passive": source.passive,
-    }
-
-
 def _transfer(source: CdsSource, recorder: RunRecorder, progress) -> cds.RunResult:
     """Run the import or export in a thread of its own while this one writes what it
     reports."""
@@ -413,7 +396,6 @@ def _transfer(source: CdsSource, recorder: RunRecorder, progress) -> cds.RunResu
 
     outcome: list[cds.RunResult] = []
     options = {
-        **transfer_options(source),
         "claimed": True,
         "run_label": f"{source.name} #{run.pk}",
         "progress": on_progress,
@@ -423,11 +405,14 @@ def _transfer(source: CdsSource, recorder: RunRecorder, progress) -> cds.RunResu
     def target() -> None:
         try:
             if run.direction == ImportRun.EXPORT:
-                result = cds.export_(source.outgoing_store.path, path=source.export_dir, **options)
+                result = cds.export_to(
+                    source.outgoing_store.path, source.connection(), source.export_dir, **options
+                )
             else:
-                result = cds.import_(
+                result = cds.import_from(
                     source.spool_dir,
-                    path=source.remote_dir,
+                    source.connection(),
+                    source.remote_dir,
                     parallel=source.parallel,
                     stable_after=source.stable_after,
                     **options,

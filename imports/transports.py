@@ -13,7 +13,7 @@ import ftplib
 import re
 import ssl
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from typing import BinaryIO, Protocol
 
@@ -324,45 +324,56 @@ def _mlsd_kind(fact: str) -> str:
     return {"file": "file", "dir": "dir", "cdir": "dir", "pdir": "dir"}.get(fact, "other")
 
 
-def open_transport(
-    protocol: str,
-    host: str,
-    port: int,
-    user: str,
-    password: str,
-    *,
-    timeout: float = 30,
-    passive: bool = True,
-    ca_file: str | None = None,
-    host_key: str = "",
-    key_file: str = "",
-    passphrase: str = "",
-):
-    """A logged-in transport of `protocol` (``ftp``, ``ftps`` or ``sftp``), taking the
-    options that apply to it: `passive` and `ca_file` for FTP(S), `host_key`, `key_file` and
-    `passphrase` for SFTP."""
-    if protocol == "sftp":
+@dataclass(frozen=True)
+class ConnectionSettings:
+    """How to reach a partner's server and log in: one value, built by CdsSource.connection()
+    or from import_'s and export_'s arguments. `passive` and `ca_file` apply to FTP(S),
+    `host_key`, `key_file` and `passphrase` to SFTP."""
+
+    host: str
+    port: int
+    user: str
+    password: str = field(default="", repr=False)
+    protocol: str = "ftp"  # ftp, ftps or sftp
+    ca_file: str | None = None
+    host_key: str = ""
+    key_file: str = ""
+    passphrase: str = field(default="", repr=False)
+    timeout: float = 30
+    passive: bool = True
+
+    @property
+    def kind(self) -> str:
+        """What the log calls the server: the seed's words name an FTP server."""
+        return "SFTP" if self.protocol == "sftp" else "FTP"
+
+
+def open_transport(settings: ConnectionSettings):
+    """A transport logged in to the server of `settings`."""
+    if settings.protocol == "sftp":
         from .sftp import SftpTransport  # sftp.py builds on this module
 
         return SftpTransport(
-            host,
-            port,
-            user,
-            password,
-            timeout=timeout,
-            host_key=host_key,
-            key_file=key_file,
-            passphrase=passphrase,
+            settings.host,
+            settings.port,
+            settings.user,
+            settings.password,
+            timeout=settings.timeout,
+            host_key=settings.host_key,
+            key_file=settings.key_file,
+            passphrase=settings.passphrase,
         )
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"Unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}.")
+    if settings.protocol not in PROTOCOLS:
+        raise ValueError(
+            f"Unknown protocol {settings.protocol!r}; use one of {', '.join(PROTOCOLS)}."
+        )
     return FtpTransport(
-        host,
-        port,
-        user,
-        password,
-        tls=protocol == "ftps",
-        timeout=timeout,
-        passive=passive,
-        ca_file=ca_file,
+        settings.host,
+        settings.port,
+        settings.user,
+        settings.password,
+        tls=settings.protocol == "ftps",
+        timeout=settings.timeout,
+        passive=settings.passive,
+        ca_file=settings.ca_file,
     )

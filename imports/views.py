@@ -69,13 +69,13 @@ def overview(request):
         {
             "source": source,
             "last_run": source.last_run(),
-            "last_export": source.last_run(ImportRun.EXPORT) if source.export_dir else None,
+            "last_export": source.last_run(ImportRun.EXPORT) if source.exports else None,
             "waiting": waiting_files(source),
         }
         for source in CdsSource.objects.all()
     ]
     directions = [(ImportRun.IMPORT, "Files imported per day")]
-    if any(item["source"].export_dir for item in sources):
+    if any(item["source"].exports for item in sources):
         directions.append((ImportRun.EXPORT, "Files exported per day"))
     charts = []
     for direction, title in directions:
@@ -98,7 +98,7 @@ def run_now(request, name):
 @imports_permission("run_import")
 @require_POST
 def export_now(request, name):
-    source = get_object_or_404(CdsSource.objects.exclude(export_dir=""), name=name)
+    source = get_object_or_404(CdsSource.objects.exporting(), name=name)
     run = enqueue_import(source, trigger="page", user=request.user, direction=ImportRun.EXPORT)
     messages.success(request, f"Queued an export to {source}.")
     return redirect(run)
@@ -168,7 +168,7 @@ def spool(request, name):
     store, subfolder = spool_folder(source, folder)
     form = OutgoingFileForm()
     if request.method == "POST":
-        if not request.user.has_perm("imports.run_import") or not source.export_dir:
+        if not request.user.has_perm("imports.run_import") or not source.exports:
             raise PermissionDenied
         form = OutgoingFileForm(request.POST, request.FILES, source=source)
         if form.is_valid() and (name := form.save()):

@@ -1,4 +1,4 @@
-from imports.models import ImportRun
+from imports.models import CdsSource, ImportRun
 
 from .cds_import import Command as ImportCommand
 
@@ -12,4 +12,4 @@ class Command(ImportCommand):
     direction = ImportRun.EXPORT
 
     def sources(self):
-        return super().sources().exclude(export_dir="")
+        return CdsSource.objects.exporting()

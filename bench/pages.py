@@ -1,11 +1,13 @@
-"""Milliseconds per page of the pending and finished listings, against a full read.
+"""Milliseconds per page of the pending, finished and CDS spool listings, against a full read.
 
-Fills a storage of its own with FILES pending and FILES finished CSV files and requests
-pages of both listings (both sort orders of the pending one, pages spread over the whole
-listing) through Django's test client in this one process, logged in, templates rendered.
-The same requests are then made with the listing as Kofa's data center makes it, reading
-every file of the folder on every request (stat and line count of each, then sort and
-slice). Prints the median and 95th percentile of each and the ratio of the medians.
+Fills a storage of its own with FILES pending and FILES finished CSV files, and a CDS
+source's spool with FILES files in new/, and requests pages of the listings (both sort
+orders of the pending one, pages spread over the whole listing) through Django's test client
+in this one process, logged in, templates rendered. The same requests are then made with
+the listing read whole on every request: as Kofa's data center makes it (stat and line count
+of each file, then sort and slice), and for the spool as its page did before (stat of each
+file, then slice). Prints the median and 95th percentile of each and the ratio of the
+medians.
 
     .venv/bin/python bench/pages.py [FILES] [REQUESTS]      (default 10000 and 200)
 """
@@ -16,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from unittest import mock
 
@@ -37,6 +40,8 @@ from django.core.management import call_command  # noqa: E402
 from django.test import Client  # noqa: E402
 
 from datacenter.storage import DataCenter, DataCenterFile  # noqa: E402
+from imports import views as import_views  # noqa: E402
+from imports.models import CdsSource  # noqa: E402
 
 
 def fill(datacenter: DataCenter, count: int) -> None:
@@ -74,12 +79,45 @@ class FullRead(list):
         super().__init__(files)
 
 
+def fill_spool(name: str, count: int) -> None:
+    source = CdsSource.objects.create(
+        name=name,
+        host="127.0.0.1",
+        port=21,
+        user="cds",
+        remote_dir="/outbox",
+        spool_dir=os.path.join(WORK, name),
+    )
+    source.store.prepare()
+    new = source.store.folder("new")
+    for number in range(count):
+        with open(os.path.join(new, f"story-{number:05d}.xml"), "w") as handle:
+            handle.write(f"<story n='{number}'/>\n")
+    settle = time.time() - 60
+    os.utime(new, (settle, settle))
+
+
+def full_read_spool(store, subfolder: str) -> list[dict]:
+    """The spool folder as its page read it before: every file stat'ed on every request."""
+    files = []
+    for path in store.list(subfolder):
+        stat = os.stat(path)
+        files.append(
+            {
+                "name": os.path.basename(path),
+                "size": stat.st_size,
+                "modified": datetime.fromtimestamp(stat.st_mtime, tz=UTC),
+            }
+        )
+    return files
+
+
 def full_read_pending(self, sort="name"):
     return FullRead(self.storage, "", ".csv", sort)
 
 
-def full_read_finished(self):
-    return FullRead(self.finished_path, "finished", ".finished.csv", "date")
+def full_read_finished(self, suffix=".finished.csv"):
+    return FullRead(self.finished_path, "finished", suffix, "date")
 
 
 def timings(client: Client, urls: list[str]) -> list[float]:
@@ -98,6 +136,8 @@ def main() -> None:
     call_command("migrate", verbosity=0)
     datacenter = DataCenter(settings.DATACENTER_STORAGE_ROOT)
     fill(datacenter, count)
+    fill_spool("partner", count)
+    fill_spool("small", settings.DATACENTER_PAGE_SIZE)  # one page: what a page should cost
     client = Client()
     client.force_login(User.objects.create_superuser("bench", password="bench-password-1"))
     pages = -(-count // settings.DATACENTER_PAGE_SIZE)
@@ -106,17 +146,20 @@ def main() -> None:
         "pending by name": [f"/datacenter/?sort=name&page={page}" for page in spread],
         "pending by date": [f"/datacenter/?sort=date&page={page}" for page in spread],
         "finished": [f"/datacenter/finished/?page={page}" for page in spread],
+        "CDS spool new/": [f"/imports/sources/partner/spool/?page={page}" for page in spread],
     }
     print(
         f"{time.strftime('%Y-%m-%d')}, {count} files in each folder, "
         f"{len(spread)} requests per listing, median / p95 in ms"
     )
+    medians = {}
     for label, listing in urls.items():
         timings(client, listing[:3])  # warm: templates, the folder's index
         ours = timings(client, listing)
         with (
             mock.patch.object(DataCenter, "pending_listing", full_read_pending),
             mock.patch.object(DataCenter, "finished_listing", full_read_finished),
+            mock.patch.object(import_views, "spool_listing", full_read_spool),
         ):
             full = timings(client, listing[: max(5, len(listing) // 10)])
         ours_median, full_median = statistics.median(ours), statistics.median(full)
@@ -125,6 +168,14 @@ def main() -> None:
             f"full read {full_median:7.1f} / {percentile(full, 95):7.1f}   "
             f"{full_median / ours_median:5.1f}x faster"
         )
+        medians[label] = ours_median
+    one_page = [f"/imports/sources/small/spool/?page={number % 2 + 1}" for number in spread]
+    timings(client, one_page[:3])
+    small = statistics.median(timings(client, one_page))
+    print(
+        f"  CDS spool new/ of {settings.DATACENTER_PAGE_SIZE} files: {small:.1f} ms; "
+        f"of {count}: {medians['CDS spool new/'] / small:.2f}x that"
+    )
 
 
 def percentile(values: list[float], percent: int) -> float:

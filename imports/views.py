@@ -1,5 +1,6 @@
 import os
-from datetime import UTC, datetime, timedelta
+from collections.abc import Sequence
+from datetime import timedelta
 
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
@@ -12,6 +13,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from datacenter import health
+from datacenter.listings import FileListing
 from datacenter.paging import paginate
 
 from .charts import CHART_DAYS, daily_bars
@@ -159,6 +161,15 @@ def spool_file(source: CdsSource, folder: str, filename: str) -> str:
     return path
 
 
+def spool_listing(store: FileStore, subfolder: str) -> Sequence:
+    """The files of a spool folder by name, as the data center lists its folders: a page
+    costs the files it shows, not the folder."""
+    try:
+        return FileListing(store.real_folder(subfolder), "", "", "name")
+    except FileNotFoundError:
+        return FileListing.empty("")
+
+
 @imports_permission("view_importrun")
 def spool(request, name):
     source = get_object_or_404(CdsSource, name=name)
@@ -175,21 +186,7 @@ def spool(request, name):
             messages.success(request, f"{name} waits in the outgoing spool for the next export.")
             return redirect(f"{source.get_absolute_url()}?folder=out-new")
         folder, store, subfolder = "out-new", source.outgoing_store, "new"
-    try:
-        paths = store.list(subfolder)
-    except FileNotFoundError:
-        paths = []
-    files = []
-    for path in paths:
-        stat = os.stat(path)
-        files.append(
-            {
-                "name": os.path.basename(path),
-                "size": stat.st_size,
-                "modified": datetime.fromtimestamp(stat.st_mtime, tz=UTC),
-            }
-        )
-    page = paginate(request, files)
+    page = paginate(request, spool_listing(store, subfolder))
     context = {
         "source": source,
         "folder": folder,

@@ -129,11 +129,11 @@ def test_runs_list_filters_by_source_and_status(operator_client, source, spool):
 
 def test_spool_browser_lists_downloads_and_marks_processed(operator_client, source, spooled):
     response = operator_client.get(reverse("imports:spool", kwargs={"name": "partner"}))
-    assert [f["name"] for f in response.context["page"]] == ["a.xml"]
+    assert [f.name for f in response.context["page"]] == ["a.xml"]
     response = operator_client.get(
         reverse("imports:spool", kwargs={"name": "partner"}), {"folder": "cur"}
     )
-    assert [f["name"] for f in response.context["page"]] == ["old.xml"]
+    assert [f.name for f in response.context["page"]] == ["old.xml"]
     download = operator_client.get(
         reverse(
             "imports:spool_download",

@@ -128,7 +128,9 @@ class _server_errors:
     def __exit__(self, kind, exc, traceback):
         if isinstance(exc, ftplib.error_perm):
             raise PermanentError(str(exc)) from exc
-        if isinstance(exc, ftplib.error_temp | ftplib.error_reply | ftplib.error_proto):
+        if isinstance(exc, ftplib.error_proto):  # a reply without a code
+            raise TemporaryError(f"The server's answer is not FTP: {exc}") from exc
+        if isinstance(exc, ftplib.error_temp | ftplib.error_reply):
             raise TemporaryError(str(exc)) from exc
         return False
 

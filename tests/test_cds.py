@@ -821,3 +821,71 @@ def test_a_full_disk_is_reported_as_such_and_loses_nothing(ftp_server, small_fil
     assert spooled(spool) == {}
     assert os.listdir(Path(spool) / "tmp") == []
     assert sorted(os.listdir(spool)) == ["cur", "new", "tmp"]
+
+
+class ScriptedServer:
+    """A TCP server on 127.0.0.1 that does one thing to every connection: stays silent,
+    closes at once, or sends `greeting` and closes: servers that fail before the login."""
+
+    def __init__(self, behaviour: str, greeting: bytes = b""):
+        self.behaviour, self.greeting = behaviour, greeting
+        self.socket = socket.create_server(("127.0.0.1", 0))
+        self.port = self.socket.getsockname()[1]
+        self.held = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                connection, _ = self.socket.accept()
+            except OSError:
+                return
+            if self.behaviour == "silent":
+                self.held.append(connection)
+                continue
+            if self.greeting:
+                connection.sendall(self.greeting)
+            connection.close()
+
+    def close(self):
+        for connection in self.held:
+            connection.close()
+        self.socket.close()
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "greeting", "error"),
+    [
+        ("silent", b"", "The server did not answer in time (timed out)."),
+        ("close", b"", "The server closed the connection unexpectedly."),
+        (
+            "greet",
+            b"421 Too many users, try again later.\r\n",
+            "The server cannot do it for now: 421 Too many users, try again later.",
+        ),
+        ("greet", b"550 Not for you.\r\n", "The server refused: 550 Not for you."),
+        ("greet", b"hello\r\n", "The server's answer is not FTP: hello"),
+    ],
+)
+def test_a_server_that_fails_before_the_login_is_told_in_words(
+    spool, cds_log, behaviour, greeting, error
+):
+    server = ScriptedServer(behaviour, greeting)
+    try:
+        result = import_(str(spool), "127.0.0.1", server.port, "u", "p", "/", timeout=1)
+    finally:
+        server.close()
+
+    assert (result.status, result.error) == (cds.FAILED, error)
+    assert f"Could not connect to CDS FTP server: {error}" in messages(cds_log)
+
+
+def test_a_port_where_nothing_listens_is_told_in_words(spool):
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]  # free again once closed
+
+    result = import_(str(spool), "127.0.0.1", port, "u", "p", "/")
+
+    assert result.error == (
+        "The server refused the connection: nothing answers at that host and port."
+    )

@@ -7,6 +7,7 @@ the test logs in with that key as the user running the tests.
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from imports import cds
 from imports.cds import export_, import_
 from imports.sftp import fingerprint, pinned_key
 
-from .conftest import ROOT, kill_when, written
+from .conftest import ROOT, kill_when, wait_for, written
 from .test_cds import messages, spooled
 
 
@@ -171,6 +172,34 @@ def test_importer_killed_mid_transfer_then_rerun(start_sshd, spool, cds_log):
     assert any(
         m.startswith("Removing a stale lock file of our own: read") for m in messages(cds_log)
     )
+
+
+def test_the_server_killed_mid_transfer_keeps_the_file_then_a_rerun_takes_it(
+    start_sshd, spool, cds_log
+):
+    server = start_sshd()
+    big = os.urandom(256 * 1024 * 1024)
+    server.put("big.bin", big)
+    options = server.options(spool, parallel=1)
+    outcome = []
+    importer = threading.Thread(target=lambda: outcome.append(import_(**options)))
+    importer.start()
+    # The sessions are the listener's children: killing them is the server dying under us.
+    wait_for(lambda: written(Path(spool) / "tmp" / ".big.bin.part"))
+    subprocess.run(["pkill", "-KILL", "-P", str(server.process.pid)], check=True)
+    importer.join(timeout=60)
+
+    [result] = outcome
+    assert result.status == cds.FAILED
+    assert result.error == "The server closed the connection unexpectedly."
+    assert "big.bin" in {name.decode() for name in server.names()}
+    assert os.listdir(Path(spool) / "tmp") == []
+
+    again = import_(**options)
+
+    assert again.status == cds.SUCCESS, again.error
+    assert spooled(spool) == {"big.bin": big}
+    assert server.names() == []
 
 
 # Export

@@ -157,12 +157,12 @@ def ftp_server(start_ftp_server):
 def small_filesystem(tmp_path):
     """mount(size) -> a folder on a real filesystem of `size` ("64k", "2m": tmpfs, mounted as
     root), unmounted after the test: disks that fill up. With `read_only`, a filesystem that
-    not even root may write to."""
+    not even root may write to; `at`, an existing folder to mount it on instead of a new one."""
     mounted = []
 
-    def mount(size: str, read_only: bool = False) -> Path:
-        folder = tmp_path / f"small-{len(mounted)}"
-        folder.mkdir()
+    def mount(size: str, read_only: bool = False, at: Path | None = None) -> Path:
+        folder = at or tmp_path / f"small-{len(mounted)}"
+        folder.mkdir(exist_ok=at is not None)
         options = f"size={size}" + (",ro" if read_only else "")
         result = subprocess.run(
             ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True

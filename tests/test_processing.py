@@ -1,6 +1,7 @@
 import csv
 import fcntl
 import os
+from pathlib import Path
 
 import pytest
 from django.contrib.auth.hashers import make_password
@@ -10,10 +11,13 @@ from datacenter.processing import (
     ERROR_COLUMN,
     FileBusy,
     ProcessingError,
+    Processor,
+    RowError,
     UserProcessor,
     get_processor,
     process_file,
 )
+from datacenter.storage import DataCenter
 
 from .conftest import tree, write
 
@@ -353,3 +357,70 @@ def test_a_row_the_database_refuses_fails_alone(datacenter, ann):
 
 def test_get_processor_finds_the_registered_user_processor():
     assert isinstance(get_processor("users"), UserProcessor)
+
+
+class GroupNames(Processor):
+    """A processor of the simplest kind a site may plug in: it applies one row at a time."""
+
+    name, title = "groups", "Groups"
+    columns = key_columns = ("name",)
+
+    def apply_row(self, row, mode):
+        if not row["name"].isidentifier():
+            raise RowError(f"name: {row['name']!r} is not one word.")
+        if mode == "create":
+            Group.objects.create(name=row["name"])
+        elif not Group.objects.filter(name=row["name"]).delete()[0]:
+            raise RowError(f"There is no group {row['name']!r}.")
+
+
+def test_a_processor_that_applies_row_by_row_keeps_the_good_rows(datacenter, settings):
+    settings.DATACENTER_PROCESSORS = ["tests.test_processing.GroupNames"]
+    pending(datacenter, "groups.csv", "name\nstaff\nnot one word\nboard\n")
+
+    def made():  # beside the groups the migrations create
+        return set(
+            Group.objects.filter(name__in=["staff", "board"]).values_list("name", flat=True)
+        )
+
+    tried = process_file(datacenter, "groups.csv", "groups", "create", dry_run=True)
+
+    assert [(c.line, c.action, c.key) for c in tried.changes] == [
+        (2, "create", "staff"),
+        (4, "create", "board"),
+    ]
+    assert made() == set()  # a dry run rolls back
+
+    done = process_file(datacenter, "groups.csv", "groups", "create")
+
+    assert (done.succeeded, done.failed) == (2, 1)
+    assert done.errors == [(3, "name: 'not one word' is not one word.")]
+    assert made() == {"board", "staff"}
+    pending(datacenter, "gone.csv", "name\nstaff\nnobody\n")
+    removed = process_file(datacenter, "gone.csv", "groups", "remove")
+    assert removed.errors == [(3, "There is no group 'nobody'.")]
+    assert made() == {"board"}
+
+
+def test_results_reach_a_finished_folder_on_another_filesystem(tmp_path, small_filesystem):
+    datacenter = DataCenter(str(tmp_path / "storage"))
+    small_filesystem("1m", at=Path(datacenter.finished_path))  # renames into it fail: EXDEV
+    rows = "username,email\nann,a@x.org\nbob,b@x.org\n"
+    pending(datacenter, "staff.csv", rows)
+
+    result = process_file(datacenter, "staff.csv", "users", "create")
+
+    assert (result.succeeded, result.failed) == (2, 0)
+    assert sorted(os.listdir(datacenter.finished_path)) == [
+        "staff.create.finished.csv",
+        "staff.csv",
+    ]
+    with open(os.path.join(datacenter.finished_path, "staff.csv")) as handle:
+        assert handle.read() == rows
+    assert read_rows(os.path.join(datacenter.finished_path, "staff.create.finished.csv")) == [
+        ["username", "email"],
+        ["ann", "a@x.org"],
+        ["bob", "b@x.org"],
+    ]
+    assert [f.name for f in datacenter.pending_files()] == []
+    assert not [name for name in os.listdir(datacenter.storage) if name.startswith(".")]

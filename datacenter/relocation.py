@@ -5,6 +5,7 @@ import contextlib
 import errno
 import filecmp
 import os
+import re
 import shutil
 import tempfile
 
@@ -75,8 +76,19 @@ def move_tree(
             else:
                 _move_entry(entry.path, dest)
         except OSError as exc:
-            not_moved[name] = exc.strerror or str(exc)
+            not_moved[name] = _reason(exc)
         done(files)
+
+
+def _reason(exc: OSError) -> str:
+    """Why an entry was not moved, in words. copytree tells each file it could not copy as
+    text, such as (source, copy, "[Errno 28] No space left on device: 'path'")."""
+    if isinstance(exc, shutil.Error):
+        for *_, why in exc.args[0]:
+            if found := re.search(r"\[Errno \d+\] ([^:]+)", why):
+                return found[1]
+        return "its files could not all be copied"
+    return exc.strerror or str(exc)
 
 
 def _remove_stale_copies(dest_dir: str, names: set[str]) -> None:

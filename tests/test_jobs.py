@@ -392,3 +392,30 @@ def test_a_dead_job_is_recovered_by_one_process_only(manager, monkeypatch):
 
     job.refresh_from_db()
     assert (job.status, job.host, job.pid, job.error) == (Job.RUNNING, "other", 99, "")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_relocation_to_a_disk_too_small_lists_what_it_could_not_move(
+    datacenter, manager, small_filesystem
+):
+    share_storage(datacenter)
+    write(os.path.join(datacenter.storage, "a.csv"), b"n\n" + b"1" * 150_000)
+    write(os.path.join(datacenter.storage, "b.csv"), b"n\n" + b"2" * 150_000)
+    os.makedirs(os.path.join(datacenter.storage, "archive", "2025"))
+    write(os.path.join(datacenter.storage, "archive", "2025", "c.csv"), b"n\n" + b"3" * 150_000)
+    new = small_filesystem("256k") / "storage"
+
+    job = jobs.start_relocation(path=str(new), move=True, overwrite=False, user=manager)
+    run_worker()
+
+    job.refresh_from_db()
+    assert job.status == Job.SUCCESS
+    not_moved = dict(job.result["not_moved"])
+    assert set(not_moved) == {"archive", "b.csv"}
+    assert set(not_moved.values()) == {"No space left on device"}
+    assert current_datacenter().storage == str(new)
+    # What could not be moved is whole at the old path; nothing half-written at the new one.
+    assert os.path.getsize(os.path.join(datacenter.storage, "b.csv")) == 150_002
+    assert os.path.exists(os.path.join(datacenter.storage, "archive", "2025", "c.csv"))
+    assert os.path.getsize(new / "a.csv") == 150_002
+    assert not [name for name in os.listdir(new) if name.startswith(".")]

@@ -4,7 +4,6 @@ finishes by applying them again."""
 import csv
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 
 from .files import move_file
@@ -52,25 +51,6 @@ class Distribution:
     @classmethod
     def from_dict(cls, data: dict) -> "Distribution":
         return cls(**{**data, "moves": [tuple(move) for move in data["moves"]]})
-
-
-def _append_csv(source: str, dest: str) -> None:
-    """Append the records of CSV file `source` to CSV file `dest` and remove `source`."""
-    if not os.path.exists(dest):
-        move_file(source, dest)
-        return
-    handle, temp_path = tempfile.mkstemp(
-        dir=os.path.dirname(dest), prefix=f".{os.path.basename(dest)}.", suffix=".part"
-    )
-    os.close(handle)
-    try:
-        _merge_csv(dest, source, temp_path)
-        os.replace(temp_path, dest)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.unlink(temp_path)
-        raise
-    os.unlink(source)
 
 
 def _merge_csv(old_path: str, new_path: str, merged_path: str) -> None:

@@ -1,5 +1,6 @@
 """Import runs in the database, the cds_import command and the admin action."""
 
+import io
 from datetime import timedelta
 from pathlib import Path
 
@@ -102,6 +103,26 @@ def test_command_prints_the_log_and_exits_0(source, ftp_server, capsys):
     assert "Downloading: a.xml" in out
     assert "partner: success, 1 files" in out
     assert "[#" not in out  # no progress bar when stdout is not a terminal
+
+
+class Terminal(io.StringIO):
+    """What the command writes to when run by a person at a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_command_shows_a_progress_bar_at_a_terminal(source, ftp_server):
+    for name in ("a.xml", "b.xml"):
+        ftp_server.put(name, b"<x/>")
+    terminal = Terminal()
+
+    call_command("cds_import", "partner", stdout=terminal)
+
+    out = terminal.getvalue()
+    assert f"\r[{'.' * 30}] 0/2 files" in out
+    assert f"\r[{'#' * 30}] 2/2 files\n" in out
+    assert "partner: success, 2 files" in out
 
 
 def test_command_exit_codes(source, ftp_server):

@@ -5,12 +5,14 @@ the test logs in with that key as the user running the tests.
 """
 
 import os
+import socket
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import pytest
+from django.core.management import CommandError, call_command
 
 from imports import cds
 from imports.cds import export_, import_
@@ -325,3 +327,74 @@ def test_the_devserver_command_serves_a_folder_over_sftp(tmp_path, spool):
     assert exported.status == cds.SUCCESS, exported.error
     assert (root / "inbox" / "b.xml").read_bytes() == b"<b/>"
     assert os.listdir(root / "outbox") == []
+
+
+def test_the_devserver_refuses_what_it_cannot_serve_in_words(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "bad_key").write_text("not a key")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = str(taken.getsockname()[1])
+
+        with pytest.raises(CommandError, match=r"Cannot listen on 127\.0\.0\.1:\d+: "):
+            call_command("cds_devserver", "--root", str(tmp_path), "--port", port)
+
+    with pytest.raises(CommandError, match="a-file is not a folder."):
+        call_command("cds_devserver", "--root", str(tmp_path / "a-file"))
+    with pytest.raises(CommandError, match="Cannot read the host key .*bad_key"):
+        call_command(
+            "cds_devserver",
+            *("--root", str(tmp_path), "--protocol", "sftp"),
+            *("--host-key", str(tmp_path / "bad_key")),
+        )
+
+
+def test_an_exchange_path_that_is_a_file_is_told(start_sshd, spool):
+    server = start_sshd()
+    server.put("a.xml")
+
+    result = import_(**server.options(spool, path=str(server.dir / "a.xml")))
+
+    assert result.status == cds.FAILED
+    assert result.error == f"Not a directory: {server.dir / 'a.xml'}"
+    assert server.names() == [b"a.xml"]
+
+
+def test_entries_that_are_no_files_are_skipped(start_sshd, spool):
+    server = start_sshd()
+    server.put("a.xml", b"<a/>")
+    os.mkfifo(server.dir / "pipe")
+
+    result = import_(**server.options(spool))
+
+    assert spooled(spool) == {"a.xml": b"<a/>"}
+    assert [(f.name, f.outcome) for f in result.files if f.name == "pipe"] == [("pipe", "skipped")]
+    assert server.names() == [b"pipe"]
+
+
+def test_a_server_that_refuses_removals_keeps_its_files_and_says_so(start_sshd, spool):
+    server = start_sshd(sftp_flags="-P remove")
+    server.put("a.xml", b"<a/>")
+
+    result = import_(**server.options(spool))
+
+    assert result.status == cds.FAILED
+    [kept] = result.files
+    assert (kept.name, kept.outcome) == ("a.xml", "failed")
+    assert kept.reason.startswith("could not be removed on the server (")
+    assert spooled(spool) == {}
+    assert os.listdir(Path(spool) / "tmp") == []
+    assert server.names() == [b"a.xml", b"read"]
+    assert "The lock file 'read' stays on the server" in result.error
+
+
+def test_a_full_disk_under_an_sftp_download_loses_nothing(start_sshd, small_filesystem):
+    server = start_sshd()
+    server.put("big.bin", os.urandom(3 * 1024 * 1024))
+    spool = small_filesystem("2m") / "spool"
+
+    result = import_(**server.options(spool))
+
+    assert result.status == cds.FAILED
+    assert result.error == "The local spool could not be written: No space left on device."
+    assert server.names() == [b"big.bin"]
+    assert os.listdir(spool / "tmp") == []

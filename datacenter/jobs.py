@@ -276,6 +276,9 @@ def fail_job(job: Job, exc: Exception) -> None:
         message = str(exc)
     elif isinstance(exc, FileNotFoundError):
         message = f"The file is gone: {exc.filename}."
+    elif isinstance(exc, OSError) and exc.strerror:  # a full disk, say
+        about = f" ({os.path.basename(exc.filename)})" if exc.filename else ""
+        message = f"The storage failed: {exc.strerror}{about}."
     else:
         message = f"{type(exc).__name__}: {exc}"
     job.refresh_from_db()

@@ -18,7 +18,7 @@ from datacenter.processing import process_file
 from datacenter.storage import StorageError
 from datacenter.uploads import save_upload
 
-from .conftest import kill_when, run_worker, start_manage
+from .conftest import fill_up, kill_when, run_worker, start_manage
 
 pytestmark = pytest.mark.django_db
 
@@ -281,3 +281,35 @@ def test_no_export_starts_while_the_storage_is_being_relocated(exporter, datacen
     with pytest.raises(StorageError, match="being relocated; export when that ends"):
         jobs.start_export(processor="users", user=exporter)
     assert list(Job.objects.all()) == [moving]
+
+
+def test_only_model_processors_that_exist_export(admin_user, settings):
+    settings.DATACENTER_PROCESSORS = [
+        "datacenter.processing.UserProcessor",
+        "tests.test_processing.GroupNames",
+    ]
+
+    with pytest.raises(exports.ExportError, match="There is no processor named 'nothing'."):
+        exports.check_export("nothing", admin_user)
+    with pytest.raises(exports.ExportError, match="Groups cannot export its records."):
+        exports.check_export("groups", admin_user)
+    assert not exports.may_view_records(admin_user, "nothing")
+    assert not exports.may_view_records(admin_user, "groups")
+    assert exports.may_view_records(admin_user, "users")
+
+
+def test_an_export_onto_a_full_disk_fails_in_words_and_leaves_nothing(
+    exporter, people, small_filesystem
+):
+    storage = small_filesystem("256k") / "storage"
+    StorageLocation.objects.update_or_create(pk=1, defaults={"path": str(storage)})
+    from datacenter.models import current_datacenter
+
+    current_datacenter()  # its folders
+    fill_up(storage.parent)
+
+    job = jobs.start_export(processor="users", user=exporter)
+
+    assert job.status == Job.FAILED
+    assert job.error == "The storage failed: No space left on device."
+    assert os.listdir(storage / "exports") == []

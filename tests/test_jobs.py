@@ -211,7 +211,7 @@ def test_a_job_killed_between_commit_and_distribution_is_distributed_on_recovery
     assert recovery.recover_jobs() == 0
     job.refresh_from_db()
     assert (job.status, job.pid) == (Job.COMMITTED, None)
-    assert job.error == "Distributing failed: OSError: [Errno 28] No space left on device"
+    assert job.error == "Distributing failed: The storage failed: No space left on device."
     os.unlink(disk / "filler")
 
     assert recovery.recover_jobs() == 1

@@ -207,6 +207,24 @@ def test_a_connection_lost_while_removing_a_batch_is_finished_by_the_next_run(
     assert os.listdir(Path(spool) / "tmp") == []
 
 
+def test_a_lock_the_new_connection_may_not_remove_is_reported_left(start_ftp_server, spool):
+    server = start_ftp_server(
+        handler_class=type("Dropping", (DroppingHandler,), {"dropped_at": "a.xml"}),
+        abstracted_fs=type("FS", (FaultyFS,), {"kept": frozenset({"read"})}),
+    )
+    server.put("a.xml", b"a")
+
+    result = import_(**server.options(spool))
+
+    assert result.status == cds.FAILED
+    assert result.error == (
+        "The server closed the connection unexpectedly. The lock file 'read' stays on the "
+        "server (the server refused to remove it: 550 Permission denied.): the partner cannot "
+        "exchange files until it is removed; the next run tries again."
+    )
+    assert server.names() == ["a.xml", "read"]
+
+
 def test_a_dropped_data_connection_keeps_the_file_on_the_server(start_ftp_server, spool):
     server = start_ftp_server(
         abstracted_fs=type("FS", (FaultyFS,), {"cut_short": frozenset({"big.bin"})}),

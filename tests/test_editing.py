@@ -10,7 +10,7 @@ from django.urls import reverse
 
 from datacenter.editing import FailedRows
 
-from .conftest import tree, write
+from .conftest import fill_up, tree, write
 
 pytestmark = pytest.mark.django_db
 
@@ -190,3 +190,38 @@ def test_the_editor_numbers_lines_as_the_job_page_does_and_marks_the_failing_cel
         'class="form-control form-control-sm is-invalid" aria-invalid="true" name="cell-1-1"'
         in page
     )
+
+
+def test_an_incomplete_form_saves_nothing(clerk_client, pending):
+    data = corrections(clerk_client, cell_1_1="bob@example.org")
+    del data["cell-2-1"]
+    garbled = {**data, "rows": "1,two"}
+
+    for form in (data, garbled):
+        response = clerk_client.post(edit_url(), form, follow=True)
+        assert b"The form is incomplete; open the file again." in response.content
+
+    with open(pending, "rb") as handle:
+        assert handle.read() == PENDING.encode()
+
+
+def test_corrections_on_a_full_disk_save_nothing(clerk_client, small_filesystem):
+    from datacenter.models import StorageLocation, current_datacenter
+
+    storage = small_filesystem("256k") / "storage"
+    StorageLocation.objects.update_or_create(pk=1, defaults={"path": str(storage)})
+    pending = write(
+        os.path.join(current_datacenter().storage, "staff.create.pending.csv"), PENDING
+    )
+    data = corrections(clerk_client, cell_1_1="bob@example.org")
+    fill_up(storage.parent)
+
+    response = clerk_client.post(edit_url(), data, follow=True)
+
+    assert (
+        b"The corrections could not be saved: No space left on device. Nothing was changed."
+        in response.content
+    )
+    with open(pending, "rb") as handle:
+        assert handle.read() == PENDING.encode()
+    assert [name for name in os.listdir(storage) if name.startswith(".")] == []

@@ -6,6 +6,7 @@ from datetime import datetime
 import pytest
 
 from datacenter import distribution, storage
+from datacenter.processing import process_file
 from datacenter.storage import (
     SUBFOLDERS,
     DataCenter,
@@ -505,17 +506,19 @@ def test_a_file_that_goes_after_the_reading_is_left_out_of_the_page(datacenter):
     assert [file.name for file in listing[:5]] == [names[0], *names[2:]]
 
 
+@pytest.mark.django_db
 def test_the_finished_listing_follows_appends_newest_first(datacenter):
     finished = datacenter.finished_path
     for number, name in enumerate(["a.create.finished.csv", "b.create.finished.csv"]):
-        age(write(os.path.join(finished, name), "a\n1\n"), 500 - number)
+        age(write(os.path.join(finished, name), "username\nann\n"), 500 - number)
     age(finished, 100)
     assert [f.name for f in datacenter.finished_listing()] == [
         "b.create.finished.csv",
         "a.create.finished.csv",
     ]
-    source = write(os.path.join(datacenter.storage, "more.csv"), "a\n2\n")
-    distribution._append_csv(source, os.path.join(finished, "a.create.finished.csv"))
+    write(os.path.join(datacenter.storage, "a.csv"), "username\nzed\n")
+
+    process_file(datacenter, "a.csv", "users", "create")  # appends to a.create.finished.csv
 
     assert datacenter.finished_listing()[0].name == "a.create.finished.csv"
 

@@ -255,3 +255,7 @@ def test_a_storage_that_may_not_be_written_is_a_form_error(small_storage):
 
     with pytest.raises(UploadError, match="the storage folder may not be written"):
         upload(small_storage, b"id\n1\n")
+
+
+def test_a_file_whose_first_line_names_no_column_is_refused(datacenter):
+    refused(datacenter, b",,\n1,2,3\n", message="The file has no header row")

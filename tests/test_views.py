@@ -6,6 +6,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import reverse
 
 from datacenter.models import Job, StorageLocation, Upload, current_datacenter
+from datacenter.processes import HOST
 
 from .conftest import run_worker, tree, write
 
@@ -374,3 +375,31 @@ def test_subfolders_that_are_links_out_of_the_storage_show_nothing(viewer_client
     assert b"datacenter.log" not in logs.content.replace(b"datacenter.log.", b"")
     assert search.status_code == 404
     assert b"secret" not in finished.content + logs.content + search.content
+
+
+def test_a_job_that_does_not_exist_is_not_found(clerk_client):
+    assert clerk_client.get(reverse("datacenter:job", kwargs={"pk": 999_999})).status_code == 404
+
+
+def test_a_file_a_job_is_processing_is_not_deleted(clerk, clerk_client, datacenter):
+    path = write(os.path.join(datacenter.storage, "staff.csv"), "username\nann\n")
+    job = Job.objects.create(
+        kind=Job.PROCESS,
+        user=clerk,
+        file_name="staff.csv",
+        processor="users",
+        mode="create",
+        status=Job.RUNNING,
+        host=HOST,
+        pid=os.getpid(),  # alive: this very process
+    )
+
+    response = clerk_client.post(
+        reverse("datacenter:delete", kwargs={"name": "staff.csv"}), follow=True
+    )
+
+    assert (
+        f"staff.csv is being processed by job #{job.pk}; nothing was changed. Try again when "
+        "it has ended."
+    ) in response.content.decode()
+    assert os.path.exists(path)

@@ -376,3 +376,28 @@ def test_the_export_command_writes_a_workbook(datacenter, people, tmp_path):
 
     rows = list(openpyxl.load_workbook(target, read_only=True).active.values)
     assert rows[0][0] == "username" and len(rows) == 3  # the header, 007 and bob
+
+
+def test_a_workbook_keeps_times_truths_and_durations_as_a_person_reads_them(
+    clerk_client, datacenter, tmp_path
+):
+    path = tmp_path / "times.xlsx"
+    book = openpyxl.Workbook()
+    book.active.append(["username", "midnight", "time", "active", "took", "ratio"])
+    book.active.append(
+        [
+            "ann",
+            datetime.datetime(2022, 3, 4, 0, 0),
+            datetime.time(9, 30),
+            True,
+            datetime.timedelta(hours=1, minutes=30),
+            0.1,
+        ]
+    )
+    book.save(path)
+
+    upload(clerk_client, path)
+
+    assert stored(datacenter, "times.csv") == (
+        "username,midnight,time,active,took,ratio\nann,2022-03-04,09:30:00,1,1:30:00,0.1\n"
+    )

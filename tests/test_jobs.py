@@ -14,7 +14,8 @@ from django.utils import timezone
 
 from datacenter import jobs, recovery
 from datacenter.models import Job, StorageLocation, current_datacenter
-from datacenter.processing import process_file
+from datacenter.processes import HOST
+from datacenter.processing import ProcessingError, process_file
 from datacenter.storage import DataCenter
 
 from .conftest import (
@@ -419,3 +420,62 @@ def test_a_relocation_to_a_disk_too_small_lists_what_it_could_not_move(
     assert os.path.exists(os.path.join(datacenter.storage, "archive", "2025", "c.csv"))
     assert os.path.getsize(new / "a.csv") == 150_002
     assert not [name for name in os.listdir(new) if name.startswith(".")]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_queued_work_of_a_deleted_account_ends_in_words(datacenter, manager, settings):
+    settings.DATACENTER_RUN_AT_ONCE_SIZE = 0
+    settings.DATACENTER_EXPORT_AT_ONCE_ROWS = 0
+    share_storage(datacenter)
+    users_file(datacenter, "staff.csv", 2)
+    manager.user_permissions.add(Permission.objects.get(codename="export_records"))
+    manager = User.objects.get(pk=manager.pk)
+    processing = jobs.start_processing(
+        name="staff.csv", processor="users", mode="create", dry_run=False, user=manager
+    )
+    export = jobs.start_export(processor="users", user=manager)
+    manager.delete()
+
+    run_worker()
+
+    for job in (processing, export):
+        job.refresh_from_db()
+        assert (job.status, job.error) == (
+            Job.FAILED,
+            "The account that started the job no longer exists.",
+        )
+    assert not User.objects.filter(username__startswith="user").exists()
+
+
+def test_only_a_job_stopped_half_way_resumes(datacenter, manager):
+    done = Job.objects.create(
+        kind=Job.PROCESS, user=manager, file_name="staff.csv", status=Job.SUCCESS
+    )
+
+    with pytest.raises(ProcessingError, match=f"Job #{done.pk} has not stopped half-way"):
+        jobs.resume_job(done, manager)
+
+
+def test_a_job_that_died_twice_at_the_same_place_is_not_started_a_third_time(datacenter, manager):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its process number now names no process
+    job = Job.objects.create(
+        kind=Job.PROCESS,
+        user=manager,
+        file_name="staff.csv",
+        processor="users",
+        mode="create",
+        status=Job.RUNNING,
+        host=HOST,
+        pid=gone.pid,
+        result={"resumed": [{"line": 1, "at": "2026-11-30T00:00:00", "reason": "died"}]},
+    )
+
+    assert recovery.recover_jobs() == 1
+
+    job.refresh_from_db()
+    assert job.status == Job.INTERRUPTED
+    assert job.error == (
+        f"The process carrying it out (host {HOST}, process {gone.pid}) died. It died before "
+        "at the same place, after line 1. Nothing was changed; start it again."
+    )

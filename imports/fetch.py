@@ -230,7 +230,7 @@ class _Connection:
                 continue
             log.info("File removed on server: %s", name)
             with spool_errors():
-                _deliver(self.store, outcome.local_name)
+                outcome.local_name = _deliver(self.store, outcome.local_name)
             outcome.outcome = "delivered"
             self.report(outcome)
         with spool_errors():
@@ -266,8 +266,12 @@ def _discard(store: FileStore, local: str) -> None:
         os.unlink(store.partial_path(local))
 
 
-def _deliver(store: FileStore, local: str) -> None:
-    log.info("Moved from 'tmp' to 'new': %s", store.deliver_partial(local))
+def _deliver(store: FileStore, local: str) -> str:
+    """Move the partial file `local` to ``new/``; return its name there, which differs
+    when a file of that name arrived in ``new/`` meanwhile."""
+    final = store.deliver_partial(local)
+    log.info("Moved from 'tmp' to 'new': %s", final)
+    return final
 
 
 def repair(store: FileStore) -> list[tuple[str, dict]]:
@@ -298,13 +302,13 @@ def finish_journeys(transport, store: FileStore, journeys, listing, report: Repo
             log.info("File removed on server: %s", remote.name)
             listing.remove(remote)
         with spool_errors():
-            _deliver(store, entry["name"])
+            local = _deliver(store, entry["name"])
         report(
             FileOutcome(
                 entry["remote"],
                 entry["size"],
                 "delivered",
-                local_name=entry["name"],
+                local_name=local,
                 sha256=entry["sha256"],
                 reason="completed the delivery of an earlier run",
             )

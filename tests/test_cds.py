@@ -308,6 +308,21 @@ def journal_of(spool, *entries: tuple[str, bytes]) -> Path:
     return journal
 
 
+def test_a_journeys_name_taken_in_new_meanwhile_is_delivered_beside_it(ftp_server, spool):
+    journal = journal_of(spool, ("a.xml", b"payload"))
+    (Path(spool) / "new" / "a.xml").write_bytes(b"another a.xml")
+    with open(journal, "a") as handle:
+        handle.write('{"name": "b.x')  # a last line the kill cut short
+
+    result = import_(**ftp_server.options(spool))
+
+    assert spooled(spool) == {"a.xml": b"another a.xml", "a.xml.1": b"payload"}
+    assert [(f.local_name, f.reason) for f in result.delivered] == [
+        ("a.xml.1", "completed the delivery of an earlier run")
+    ]
+    assert os.listdir(Path(spool) / "tmp") == []
+
+
 def test_a_delivery_cut_off_before_the_remote_removal_is_finished_once(ftp_server, spool, cds_log):
     ftp_server.put("a.xml", b"payload")
     ftp_server.put("b.xml", b"other")

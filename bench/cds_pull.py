@@ -59,28 +59,18 @@ class Server:
     remote_dir = "/outbox"
 
     def __init__(self, work: Path, certificate: tuple[Path, Path] | None = None):
-        self.protocol, self.options, lftp_settings = "ftp", {}, ""
+        self.protocol, self.options, self.lftp_settings = "ftp", {}, ""
         if certificate:
-            cert, key = certificate
+            cert = certificate[0]
             self.protocol, self.options = "ftps", {"ca_file": str(cert)}
-            lftp_settings = (
+            self.lftp_settings = (
                 f"set ftp:ssl-force yes; set ftp:ssl-protect-data yes; set ssl:ca-file {cert}; "
             )
-        self.lftp_settings = lftp_settings
         self.source = f"bench-{self.protocol}"
         if servers_can_run():
-            from tests.servers import Vsftpd
+            from tests.servers import Vsftpd, tls_options
 
-            tls = {}
-            if certificate:
-                tls = {
-                    "ssl_enable": "YES",
-                    "rsa_cert_file": cert,
-                    "rsa_private_key_file": key,
-                    "allow_anon_ssl": "YES",
-                    "force_anon_logins_ssl": "YES",
-                    "force_anon_data_ssl": "YES",
-                }
+            tls = tls_options(certificate) if certificate else {}
             self.vsftpd = Vsftpd(
                 work / self.protocol, xferlog_enable="NO", log_ftp_protocol="NO", **tls
             )
@@ -369,6 +359,8 @@ def one_file_each_protocol(servers: list, work: Path, env: dict, args) -> None:
             results[against][0],
             against,
         )
+        for label, (_, rounds, _) in results.items():
+            print(f"    {label:28} rounds: {', '.join(f'{took:.2f}' for took in rounds)} s")
         for label in ("ours: import_", "ours: manage.py cds_import"):
             ratio = results[against][0] / results[label][0]
             summary.append(f"  {server.protocol.upper():5} {label:28} {ratio:5.2f}x {against}")

@@ -61,43 +61,12 @@ class ImportResult(RunResult):
 
 
 def import_(
-    store_dir: str,
-    host: str,
-    port: int,
-    user: str,
-    password: str,
-    path: str,
-    *,
-    protocol: str = "ftp",
-    ca_file: str | None = None,
-    host_key: str = "",
-    key_file: str = "",
-    passphrase: str = "",
-    timeout: float = 30,
-    passive: bool = True,
-    **options,
+    store_dir: str, host: str, port: int, user: str, password: str, path: str, **options
 ) -> ImportResult:
     """Import every new file of the CDS directory `path` on the server at `host` into the
-    spool at `store_dir`, as the seed calls it; `options` are import_from's.
-
-    `protocol` is ``ftp``, ``ftps`` (explicit TLS, verified against `ca_file` or the
-    system's CAs) or ``sftp`` (the server's key pinned as `host_key`; login with the private
-    key `key_file`, opened with `passphrase`, and/or the password). `timeout` bounds every
-    network operation, in seconds.
-    """
-    connection = ConnectionSettings(
-        host,
-        port,
-        user,
-        password,
-        protocol=protocol,
-        ca_file=ca_file,
-        host_key=host_key,
-        key_file=key_file,
-        passphrase=passphrase,
-        timeout=timeout,
-        passive=passive,
-    )
+    spool at `store_dir`, as the seed calls it. `options` are ConnectionSettings' (protocol,
+    ca_file, host_key, key_file, passphrase, timeout, passive) and import_from's."""
+    connection, options = ConnectionSettings.among(host, port, user, password, options)
     return import_from(store_dir, connection, path, **options)
 
 

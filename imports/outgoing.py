@@ -54,37 +54,12 @@ class NameTaken(Exception):
 
 
 def export_(
-    store_dir: str,
-    host: str,
-    port: int,
-    user: str,
-    password: str,
-    path: str,
-    *,
-    protocol: str = "ftp",
-    ca_file: str | None = None,
-    host_key: str = "",
-    key_file: str = "",
-    passphrase: str = "",
-    timeout: float = 30,
-    passive: bool = True,
-    **options,
+    store_dir: str, host: str, port: int, user: str, password: str, path: str, **options
 ) -> ExportResult:
     """Send every file of the outgoing spool's ``new/`` at `store_dir` to the CDS directory
-    `path` on the server at `host`, as import_ is called; `options` are export_to's."""
-    connection = ConnectionSettings(
-        host,
-        port,
-        user,
-        password,
-        protocol=protocol,
-        ca_file=ca_file,
-        host_key=host_key,
-        key_file=key_file,
-        passphrase=passphrase,
-        timeout=timeout,
-        passive=passive,
-    )
+    `path` on the server at `host`, as import_ is called; `options` are ConnectionSettings'
+    and export_to's."""
+    connection, options = ConnectionSettings.among(host, port, user, password, options)
     return export_to(store_dir, connection, path, **options)
 
 

@@ -13,7 +13,7 @@ import ftplib
 import re
 import ssl
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from io import BytesIO
 from typing import BinaryIO, Protocol
 
@@ -329,8 +329,13 @@ def _mlsd_kind(fact: str) -> str:
 @dataclass(frozen=True)
 class ConnectionSettings:
     """How to reach a partner's server and log in: one value, built by CdsSource.connection()
-    or from import_'s and export_'s arguments. `passive` and `ca_file` apply to FTP(S),
-    `host_key`, `key_file` and `passphrase` to SFTP."""
+    or from import_'s and export_'s arguments.
+
+    `protocol` is ``ftp``, ``ftps`` (explicit TLS, verified against `ca_file` or the
+    system's CAs) or ``sftp`` (the server's key pinned as `host_key`; login with the private
+    key `key_file`, opened with `passphrase`, and/or the password). `timeout` bounds every
+    network operation, in seconds; `passive` applies to FTP(S).
+    """
 
     host: str
     port: int
@@ -343,6 +348,17 @@ class ConnectionSettings:
     passphrase: str = field(default="", repr=False)
     timeout: float = 30
     passive: bool = True
+
+    @classmethod
+    def among(
+        cls, host: str, port: int, user: str, password: str, options: dict
+    ) -> tuple["ConnectionSettings", dict]:
+        """The settings for `host` given among keyword `options` (import_'s, export_'s), and
+        the other options."""
+        names = {setting.name for setting in fields(cls)}
+        given = {name: value for name, value in options.items() if name in names}
+        others = {name: value for name, value in options.items() if name not in names}
+        return cls(host, port, user, password, **given), others
 
     @property
     def kind(self) -> str:

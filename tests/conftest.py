@@ -67,6 +67,24 @@ def datacenter(storage_root):
     return DataCenter(storage_root)
 
 
+def processing_job(user, *, host: str, pid: int, **fields):
+    """A job processing staff.csv (users, create) that the process `pid` of `host` carries
+    out."""
+    from datacenter.models import Job
+
+    return Job.objects.create(
+        kind=Job.PROCESS,
+        user=user,
+        file_name="staff.csv",
+        processor="users",
+        mode="create",
+        status=Job.RUNNING,
+        host=host,
+        pid=pid,
+        **fields,
+    )
+
+
 def make_user(django_user_model, username, codenames):
     user = django_user_model.objects.create_user(username=username, password=PASSWORD)
     user.user_permissions.set(

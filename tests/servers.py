@@ -61,6 +61,20 @@ def make_certificate(folder: Path, name: str = "127.0.0.1") -> tuple[Path, Path]
     return cert, key
 
 
+def tls_options(certificate, **extra) -> dict:
+    """vsftpd's options for FTPS with TLS required, with `certificate` (cert, key)."""
+    cert, key = certificate
+    return {
+        "ssl_enable": "YES",
+        "rsa_cert_file": cert,
+        "rsa_private_key_file": key,
+        "allow_anon_ssl": "YES",
+        "force_anon_logins_ssl": "YES",
+        "force_anon_data_ssl": "YES",
+        **extra,
+    }
+
+
 class ServerProcess:
     """A server of Debian's that a test started: `start(**options)` (re)starts it on the same
     port, and its exchange directory is `dir`."""

@@ -13,8 +13,8 @@ from imports.outgoing import TAKEN, UPLOAD_RECORD
 from imports.spool import FileStore
 
 from .conftest import ROOT, kill_when, written
+from .servers import tls_options
 from .test_cds import messages, spooled
-from .test_partner_servers import tls_options
 from .test_sftp import outgoing
 
 

@@ -23,6 +23,7 @@ from .conftest import (
     fill_up,
     kill_when,
     process_env,
+    processing_job,
     run_worker,
     start_manage,
     tree,
@@ -320,21 +321,22 @@ def test_a_relocation_to_another_filesystem_copies_the_files(
 # Who takes a job over
 
 
+def export_elsewhere(user, seconds_ago: float) -> Job:
+    """An export carried out by process 4242 of another host, last heard of then."""
+    return Job.objects.create(
+        kind=Job.EXPORT,
+        user=user,
+        processor="users",
+        status=Job.RUNNING,
+        host="elsewhere",
+        pid=4242,
+        updated=timezone.now() - timedelta(seconds=seconds_ago),
+    )
+
+
 def test_a_job_of_another_host_is_taken_for_dead_only_after_its_lease(manager, settings):
     settings.DATACENTER_JOB_LEASE = 600
-    now = timezone.now()
-    fresh, expired = (
-        Job.objects.create(
-            kind=Job.EXPORT,
-            user=manager,
-            processor="users",
-            status=Job.RUNNING,
-            host="elsewhere",
-            pid=4242,
-            updated=now - timedelta(seconds=seconds),
-        )
-        for seconds in (599, 601)
-    )
+    fresh, expired = export_elsewhere(manager, 599), export_elsewhere(manager, 601)
 
     assert recovery.recover_jobs() == 1
 
@@ -350,17 +352,7 @@ def test_a_job_of_another_host_is_taken_for_dead_only_after_its_lease(manager, s
 
 def test_a_job_begun_elsewhere_is_left_to_its_process(datacenter, manager):
     users_file(datacenter, "staff.csv", 2)
-    job = Job.objects.create(
-        kind=Job.PROCESS,
-        user=manager,
-        file_name="staff.csv",
-        processor="users",
-        mode="create",
-        status=Job.RUNNING,
-        host="elsewhere",
-        pid=4242,
-        updated=timezone.now(),
-    )
+    job = processing_job(manager, host="elsewhere", pid=4242, updated=timezone.now())
 
     assert jobs.run_job(job).status == Job.RUNNING
 
@@ -370,15 +362,7 @@ def test_a_job_begun_elsewhere_is_left_to_its_process(datacenter, manager):
 
 
 def test_a_dead_job_is_recovered_by_one_process_only(manager, monkeypatch):
-    job = Job.objects.create(
-        kind=Job.EXPORT,
-        user=manager,
-        processor="users",
-        status=Job.RUNNING,
-        host="elsewhere",
-        pid=4242,
-        updated=timezone.now() - timedelta(days=1),
-    )
+    job = export_elsewhere(manager, 24 * 3600)
     is_dead = recovery._is_dead
 
     def another_process_recovers_first(candidate):
@@ -459,13 +443,8 @@ def test_only_a_job_stopped_half_way_resumes(datacenter, manager):
 def test_a_job_that_died_twice_at_the_same_place_is_not_started_a_third_time(datacenter, manager):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # its process number now names no process
-    job = Job.objects.create(
-        kind=Job.PROCESS,
-        user=manager,
-        file_name="staff.csv",
-        processor="users",
-        mode="create",
-        status=Job.RUNNING,
+    job = processing_job(
+        manager,
         host=HOST,
         pid=gone.pid,
         result={"resumed": [{"line": 1, "at": "2026-11-30T00:00:00", "reason": "died"}]},

@@ -19,6 +19,7 @@ from imports.cds import import_
 from imports.transports import decode_name
 
 from .conftest import kill_when, written
+from .servers import tls_options
 from .test_cds import spooled
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,19 +98,6 @@ def test_write_only_drop_box_importer_killed_mid_transfer_then_rerun(start_vsftp
     assert server.names() == []
     assert os.listdir(Path(spool) / "tmp") == []
     assert sorted(os.listdir(spool)) == ["cur", "new", "tmp"]
-
-
-def tls_options(certificate, **extra) -> dict:
-    cert, key = certificate
-    return {
-        "ssl_enable": "YES",
-        "rsa_cert_file": cert,
-        "rsa_private_key_file": key,
-        "allow_anon_ssl": "YES",
-        "force_anon_logins_ssl": "YES",
-        "force_anon_data_ssl": "YES",
-        **extra,
-    }
 
 
 def test_vsftpd_ftps_with_session_reuse_required(start_vsftpd, certificate, spool):

@@ -8,7 +8,7 @@ from django.urls import reverse
 from datacenter.models import Job, StorageLocation, Upload, current_datacenter
 from datacenter.processes import HOST
 
-from .conftest import run_worker, tree, write
+from .conftest import processing_job, run_worker, tree, write
 
 pytestmark = pytest.mark.django_db
 
@@ -383,16 +383,7 @@ def test_a_job_that_does_not_exist_is_not_found(clerk_client):
 
 def test_a_file_a_job_is_processing_is_not_deleted(clerk, clerk_client, datacenter):
     path = write(os.path.join(datacenter.storage, "staff.csv"), "username\nann\n")
-    job = Job.objects.create(
-        kind=Job.PROCESS,
-        user=clerk,
-        file_name="staff.csv",
-        processor="users",
-        mode="create",
-        status=Job.RUNNING,
-        host=HOST,
-        pid=os.getpid(),  # alive: this very process
-    )
+    job = processing_job(clerk, host=HOST, pid=os.getpid())  # alive: this very process
 
     response = clerk_client.post(
         reverse("datacenter:delete", kwargs={"name": "staff.csv"}), follow=True

@@ -150,6 +150,7 @@ class SftpTransport:
         self.timeout = timeout
         self.dir = b"."
         self.loop = asyncio.new_event_loop()
+        self.loop.set_exception_handler(_unless_abandoned_read)
         self.thread = threading.Thread(target=self.loop.run_forever, name="sftp", daemon=True)
         self.thread.start()
         self.ssh = None
@@ -344,6 +345,14 @@ class SftpTransport:
         for task in others:
             task.cancel()
         await asyncio.gather(*others, return_exceptions=True)
+
+
+def _unless_abandoned_read(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """The loop's handler of errors nobody awaited: a download given up (a full spool, say)
+    leaves read-ahead requests behind, whose answers (end of file, a closed handle) are of no
+    interest; anything else is reported as asyncio does."""
+    if not isinstance(context.get("exception"), asyncssh.SFTPError):
+        loop.default_exception_handler(context)
 
 
 def _entry(raw: bytes, attributes: asyncssh.SFTPAttrs) -> RemoteEntry:

@@ -290,13 +290,15 @@ def fail_job(job: Job, exc: Exception) -> None:
     position = resume_position(job)
     if isinstance(exc, FileChanged):
         # The outputs of the rows applied stay, for staff to see what was done.
-        cut_back(os.path.join(job_folder(current_datacenter(), job), "outputs"), position)
-        outputs = os.path.join(JOBS_FOLDER, str(job.pk), "outputs")
+        datacenter = current_datacenter()
+        outputs = outputs_folder(datacenter, job)
+        cut_back(outputs, position)
         end_job(
             job,
             Job.FAILED,
             error=f"{message} The rows up to line {position.line} are applied; their finished "
-            f"and failed rows are kept in the storage's {outputs} folder.",
+            f"and failed rows are kept in the storage's "
+            f"{os.path.relpath(outputs, datacenter.storage)} folder.",
         )
         return
     if position is not None:
@@ -324,13 +326,19 @@ def job_folder(datacenter: DataCenter, job: Job) -> str:
     return os.path.join(datacenter.storage, JOBS_FOLDER, str(job.pk))
 
 
+def outputs_folder(datacenter: DataCenter, job: Job) -> str:
+    """Where a processing job writes its finished and failed rows until they are
+    distributed."""
+    return os.path.join(job_folder(datacenter, job), "outputs")
+
+
 def _process(job: Job) -> None:
     if job.user is None:
         raise ProcessingError("The account that started the job no longer exists.")
     datacenter = current_datacenter()
     file = datacenter.get_file(job.file_name)
     Job.objects.filter(pk=job.pk).update(total=file.rows)
-    output_dir = None if job.dry_run else os.path.join(job_folder(datacenter, job), "outputs")
+    output_dir = None if job.dry_run else outputs_folder(datacenter, job)
     resume = resume_position(job)
 
     def checkpoint(position: Position) -> None:

@@ -18,6 +18,7 @@ from django.utils import timezone
 from .jobs import end_job, enqueue, fail_job, remove_partial_work, resume_position
 from .models import Job, StorageLocation
 from .processes import HOST, died_on_this_host, fail_running_task
+from .processing import output_paths
 from .storage import Distribution
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ def _end_lost_jobs() -> int:
 def _finish_distribution(job: Job) -> None:
     plan = Distribution.from_dict(job.result["plan"])
     outputs = job.result["outputs"]
-    plan.apply(os.path.join(outputs, "finished.csv"), os.path.join(outputs, "pending.csv"))
+    plan.apply(*output_paths(outputs))
     shutil.rmtree(os.path.dirname(outputs), ignore_errors=True)
     job.refresh_from_db()
     job.result = {

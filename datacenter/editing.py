@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .files import StorageError, fsync_file
-from .processing import ERROR_COLUMN
+from .reading import ERROR_COLUMN
 from .storage import DataCenter, DataCenterFile
 from .uploads import EDIT_PREFIX
 

@@ -4,18 +4,17 @@
 batches, each with one lookup and committed in a transaction of its own together with the
 position reached (so that a run whose process died resumes there); a row that fails is
 rolled back to its own savepoint and written, with its error, to the new pending file, while
-the good rows are kept. After the last batch the result files are distributed.
+the good rows are kept. After the last batch the result files are distributed. Reading the
+file (its header, records, batches and repeated keys) is `datacenter.reading`'s.
 """
 
-import codecs
 import csv
 import os
 import re
 import shutil
 import tempfile
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -36,15 +35,19 @@ from .processors import (  # noqa: F401
     RowError,
     UserProcessor,
 )
+from .reading import (
+    ERROR_COLUMN,
+    Keys,
+    ProcessingError,
+    batches,
+    checked_header,
+    counted,
+    read_records,
+)
 from .storage import DataCenter, DataCenterFile, Distribution
 
 MODES = ("create", "update", "remove")
-ERROR_COLUMN = "--ERRORS--"
 PENDING_NAME = re.compile(r"\.(?P<mode>create|update|remove)\.pending\.csv$")
-
-
-class ProcessingError(ValueError):
-    """A file that cannot be processed; the message is meant for staff."""
 
 
 class FileBusy(ProcessingError):
@@ -80,39 +83,6 @@ class ProcessResult:
     #: the row editor shows it.
     pending_lines: list[int] = field(default_factory=list)
     next_pending_line: int = 2
-
-
-def check_header(processor: Processor, header: list[str], mode: str) -> list[str]:
-    """What is wrong with the header row of a file for `processor` in `mode`, in words."""
-    columns = [column.strip() for column in header if column.strip() != ERROR_COLUMN]
-    problems = []
-    duplicates = sorted(column for column, count in Counter(columns).items() if count > 1)
-    if duplicates:
-        problems.append(f"These columns appear more than once: {some_of(duplicates)}.")
-    present = set(columns)
-    missing = [column for column in processor.required_columns(mode) if column not in present]
-    if missing:
-        problems.append(f"These columns are required in {mode} mode: {', '.join(missing)}.")
-    known = set(processor.columns)
-    unknown = [column for column in columns if column not in known]
-    if unknown:
-        problems.append(
-            f"These columns are unknown to {processor.title}: {some_of(unknown)}. "
-            f"Known columns are {', '.join(processor.columns)}."
-        )
-    return problems
-
-
-def counted(number: int, thing: str) -> str:
-    """``1 column``, ``2 columns``."""
-    return f"{number} {thing}{'' if number == 1 else 's'}"
-
-
-def some_of(names: list[str], shown: int = 10) -> str:
-    """The first `shown` of `names`, comma-separated, and how many more there are: a header
-    may have a million columns, a message should not."""
-    listed = ", ".join(names[:shown])
-    return f"{listed} and {len(names) - shown} more" if len(names) > shown else listed
 
 
 def mode_of_pending_file(filename: str) -> str | None:
@@ -231,11 +201,11 @@ def process_file(
         if resume:
             expected_sha256 = resume.sha256
         sha256 = _checked_sha256(handle, expected_sha256, resumed=resume is not None)
-        header = _checked_header(handle, filename, processor, mode, whole=not dry_run)
+        header = checked_header(handle, filename, processor, mode, whole=not dry_run)
         reader = csv.reader(handle)
-        records = _records(reader, filename, handle)
+        records = read_records(reader, filename, handle)
         next(records)
-        keys = _Keys(processor, header)
+        keys = Keys(processor, header)
         if resume:
             keys.skip(records, reader, resume.line)
         own_folder = output_dir is None and not dry_run
@@ -247,7 +217,7 @@ def process_file(
         distributed = False
         try:
             with run.outputs():
-                for batch in _batches(records, reader, processor.batch_size):
+                for batch in batches(records, reader, processor.batch_size):
                     run.apply(batch, reader.line_num, checkpoint)
                     if progress:
                         progress(run.result.total)
@@ -303,7 +273,7 @@ def check_processing(
     with open(source.path, encoding="utf-8-sig", newline="") as handle:
         if expected_sha256:
             _checked_sha256(handle, expected_sha256)
-        _checked_header(handle, filename, processor, mode, whole=False)
+        checked_header(handle, filename, processor, mode, whole=False)
     return source
 
 
@@ -356,92 +326,6 @@ def _checked_sha256(handle, expected: str, resumed: bool = False) -> str:
             "The file changed after its dry run; check it again. Nothing was processed."
         )
     return sha256
-
-
-def _checked_header(handle, filename, processor, mode, *, whole: bool) -> list[str]:
-    """The header row of the open file, checked for `processor` in `mode`; with `whole`,
-    every record is read too, so that a file that is no readable CSV fails before any row
-    is applied. The file is left at its start."""
-    handle.seek(0)
-    reader = csv.reader(handle)
-    records = _records(reader, filename, handle)
-    header = next(records, None) or []
-    problems = check_header(processor, header, mode) if header else ["The file is empty."]
-    if problems:
-        raise ProcessingError(" ".join(problems))
-    if whole:
-        for _ in records:
-            pass
-    handle.seek(0)
-    return header
-
-
-def _records(reader, filename: str, handle) -> Iterator[list[str]]:
-    """The records of `reader` over the text file `handle`; a file that is no UTF-8 CSV
-    raises ProcessingError."""
-    try:
-        yield from reader
-    except UnicodeDecodeError:
-        line = _undecodable_line(handle.buffer)
-        raise ProcessingError(
-            f"{filename} is not a readable UTF-8 CSV file: line {line} holds bytes that are "
-            "not UTF-8 text. Save it as UTF-8 (CSV UTF-8 in Excel) and upload it again. "
-            "Nothing was changed."
-        ) from None
-    except csv.Error as exc:
-        raise ProcessingError(
-            f"{filename} is not a readable CSV file (line {reader.line_num}): {exc}. "
-            "Nothing was changed."
-        ) from None
-
-
-def _undecodable_line(raw) -> int:
-    """The line of the binary file `raw` where it stops being UTF-8: the text layer decodes
-    ahead of the CSV reader, so neither knows it."""
-    raw.seek(0)
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    line = 1
-    while chunk := raw.read(1024 * 1024):
-        carried = len(decoder.getstate()[0])  # the start of a character cut by the last read
-        try:
-            decoder.decode(chunk)
-        except UnicodeDecodeError as exc:
-            return line + chunk.count(b"\n", 0, max(exc.start - carried, 0))
-        line += chunk.count(b"\n")
-    return line
-
-
-class _Keys:
-    """The keys of the rows seen so far: a record appears once in a file, and a row that
-    repeats a key fails, in whichever batch it comes."""
-
-    def __init__(self, processor: Processor, header: list[str]):
-        columns = [column.strip() for column in header]
-        self.width = len(columns)
-        self.names = ", ".join(processor.key_columns)
-        self.indexes = [columns.index(name) for name in processor.key_columns]
-        self.seen = set()
-
-    def repeated(self, values: list[str]) -> str:
-        """Why the row `values` fails as a repetition ("" when it does not)."""
-        if not self.indexes or len(values) != self.width:
-            return ""
-        key = ", ".join(restored(values[index].strip()) for index in self.indexes)
-        if not key.strip(", "):
-            return ""
-        if key in self.seen:
-            return f"{self.names} {key!r} appears more than once in the file."
-        self.seen.add(key)
-        return ""
-
-    def skip(self, records, reader, line: int) -> None:
-        """Read on to `line` of the file, noting the keys of the rows passed."""
-        while reader.line_num < line:
-            values = next(records, None)
-            if values is None:
-                return
-            if values:
-                self.repeated(values)
 
 
 class _Run:
@@ -599,18 +483,3 @@ def _fail(result, pending, cells, line, message) -> None:
         pending.writerow(row)
         # A cell may hold line breaks: the next record starts after them.
         result.next_pending_line += 1 + sum(cell.count("\n") for cell in row)
-
-
-def _batches(records, reader, size: int) -> Iterable[list[tuple[int, list[str]]]]:
-    """(line where the row starts, values) of the non-empty rows, `size` at a time."""
-    batch = []
-    line = reader.line_num + 1
-    for values in records:
-        if values:
-            batch.append((line, values))
-        line = reader.line_num + 1
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

@@ -20,7 +20,7 @@ from django.conf import settings
 
 from . import files, workbooks
 from .emails import notify_upload
-from .processing import counted, some_of
+from .reading import counted, some_of
 from .storage import (
     DataCenter,
     DataCenterFile,

@@ -17,8 +17,9 @@ from .forms import LogSearchForm, ProcessForm, RelocateForm, ReplaceForm, Upload
 from .limits import check_site_storage_path
 from .models import Job, Upload, current_datacenter, storage_for_writing
 from .paging import paginate
-from .processing import ProcessingError, counted, mode_of_pending_file, processors
+from .processing import ProcessingError, mode_of_pending_file, processors
 from .reach import reads_pending_files, works_on_pending_files
+from .reading import counted
 from .storage import EXPORTS_FOLDER, StorageError, read_csv_preview
 from .tasks import JOBS_QUEUE
 from .uploads import UploadError, replace_upload, save_upload

@@ -232,7 +232,7 @@ class ImportRunAdmin(admin.ModelAdmin):
 
 
 def fingerprint(key_line: str) -> str:
-    # paramiko is loaded only where a host key is shown: it adds about 70 ms to the start of
+    # asyncssh is loaded only where a host key is shown: it adds about 0.2 s to the start of
     # every process, cron's commands included.
     from . import sftp
 

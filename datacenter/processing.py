@@ -22,18 +22,16 @@ from django.conf import settings
 from django.db import transaction
 from django.utils.module_loading import import_string
 
+from .accounts import UserProcessor  # noqa: F401 (re-exported: DESIGN.md names it here)
 from .files import lock_open_file, sha256_of
 from .formulas import restored
-
-# The processors, re-exported: DESIGN.md names them as parts of this module.
-from .processors import (  # noqa: F401
+from .processors import (  # noqa: F401 (re-exported, as UserProcessor)
     DELETE_MARKER,
     IGNORE_MARKER,
     Change,
     ModelProcessor,
     Processor,
     RowError,
-    UserProcessor,
 )
 from .reading import (
     ERROR_COLUMN,

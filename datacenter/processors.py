@@ -3,13 +3,8 @@ or remove one record from a row of a file. `datacenter.processing` runs files th
 """
 
 import copy
-import functools
-import secrets
 from dataclasses import dataclass, field
 
-from django.contrib.auth import get_user_model
-from django.contrib.auth.hashers import UNUSABLE_PASSWORD_PREFIX, identify_hasher
-from django.contrib.auth.models import Group
 from django.core.exceptions import ValidationError
 from django.db import DatabaseError, connections, models, router, transaction
 
@@ -156,7 +151,7 @@ class ModelProcessor(Processor):
         errors, planned, seen = {}, [], set()
         for index, row in enumerate(rows):
             try:
-                before = _values(existing.get(row[self.key])) if changes is not None else None
+                before = shown_values(existing.get(row[self.key])) if changes is not None else None
                 planned.append((index, *self._plan(row, mode, existing, related, seen)))
             except RowError as exc:
                 errors[index] = str(exc)
@@ -193,7 +188,7 @@ class ModelProcessor(Processor):
         key = row[self.key]
         if mode == "remove":
             return Change(0, "remove", key)
-        after = _values(instance)
+        after = shown_values(instance)
         fields = []
         for attname in changed:
             old, new = (before or {}).get(attname, ""), after[attname]
@@ -251,7 +246,7 @@ class ModelProcessor(Processor):
         if mode == "remove":
             return instance, [], {}
         # The values before the row, read only where a check compares them (a hot path).
-        before = _values(instance) if refused or self.checks_changes else None
+        before = shown_values(instance) if refused or self.checks_changes else None
         if instance is None:
             instance = self.model(**{self.key: key})
         changed, many = self._assign(instance, row, related)
@@ -272,7 +267,7 @@ class ModelProcessor(Processor):
 
     def _changes_record(self, instance, before, changed, many) -> bool:
         """Whether assigning a row changed a value of the existing `instance`."""
-        after = _values(instance)
+        after = shown_values(instance)
         if any(before[attname] != after[attname] for attname in changed):
             return True
         for name, ids in many.items():
@@ -377,17 +372,17 @@ class ModelProcessor(Processor):
         )
 
 
-def _values(instance) -> dict[str, str] | None:
+def shown_values(instance) -> dict[str, str] | None:
     """The values of the concrete fields of `instance` as shown to staff, by attname."""
     if instance is None:
         return None
     return {
-        field.attname: _shown(getattr(instance, field.attname))
+        field.attname: shown(getattr(instance, field.attname))
         for field in instance._meta.concrete_fields
     }
 
 
-def _shown(value) -> str:
+def shown(value) -> str:
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -421,103 +416,3 @@ def _validation_message(exc: ValidationError) -> str:
             f"{name}: {' '.join(messages)}" for name, messages in exc.message_dict.items()
         )
     return " ".join(exc.messages)
-
-
-class UserProcessor(ModelProcessor):
-    """User accounts of django.contrib.auth, by username.
-
-    New accounts get an unusable password unless the file gives a hashed one; clear-text
-    passwords are refused. Only a superuser's file changes or removes a superuser account
-    (a row that changes nothing, as in an export, passes), and only a superuser's export
-    holds password hashes.
-    """
-
-    name = "users"
-    title = "User accounts"
-    key = "username"
-    fields = ("email", "first_name", "last_name", "is_active", "is_staff", "groups", "password")
-    related_by = {"groups": "name"}
-    secret_fields = ("password",)
-
-    def __init__(self):
-        self.model = get_user_model()
-        super().__init__()
-
-    def prepare(self, instance, row, mode):
-        password = row.get("password", "")
-        # An unusable password, as Django stores an account without one, is kept as it is.
-        if password not in ("", IGNORE_MARKER, DELETE_MARKER) and not password.startswith(
-            UNUSABLE_PASSWORD_PREFIX
-        ):
-            try:
-                identify_hasher(password)
-            except ValueError:
-                raise RowError(
-                    "password: only hashed passwords are accepted (as Django stores them, "
-                    "such as pbkdf2_sha256$...); clear-text passwords are refused."
-                ) from None
-        elif mode == "create":
-            # What set_unusable_password() stores, without its slow random choice per character.
-            instance.password = UNUSABLE_PASSWORD_PREFIX + secrets.token_hex(20)
-
-    def hidden_on_export(self) -> set[str]:
-        # Password hashes are as good as passwords against a slow attacker.
-        if self.user is not None and not self.user.is_superuser:
-            return {"password"}
-        return set()
-
-    @functools.cached_property
-    def groups_within_reach(self) -> set[int]:
-        """The groups whose every permission the processor's user holds."""
-        held = self.user.get_all_permissions()
-        reach = set()
-        for group in Group.objects.prefetch_related("permissions__content_type"):
-            needed = {
-                f"{permission.content_type.app_label}.{permission.codename}"
-                for permission in group.permissions.all()
-            }
-            if needed <= held:
-                reach.add(group.pk)
-        return reach
-
-    @property
-    def checks_changes(self) -> bool:
-        # A file gives nobody more than the person processing it holds.
-        return self.user is not None and not self.user.is_superuser
-
-    def check_change(self, instance, before, changed, many):
-        after = _values(instance)
-
-        def changes(attname: str) -> bool:
-            return attname in changed and (before is None or before[attname] != after[attname])
-
-        if changes("is_staff") and (before is not None or instance.is_staff):
-            raise RowError(
-                "is_staff: only a superuser's file makes an account staff or changes that."
-            )
-        if before is not None and before["is_staff"] == _shown(True):
-            touched = [name for name in ("password", "email", "is_active") if changes(name)]
-            if touched:
-                raise RowError(
-                    f"{instance.get_username()} is a staff account: its "
-                    f"{' and '.join(touched)} is changed by a file only when a superuser "
-                    "processes it."
-                )
-        beyond = set(many.get("groups", ())) - self.groups_within_reach
-        if beyond and instance.pk is not None:
-            beyond -= set(instance.groups.values_list("pk", flat=True))
-        if beyond:
-            names = sorted(Group.objects.filter(pk__in=beyond).values_list("name", flat=True))
-            raise RowError(
-                f"groups: {', '.join(names)} grant permissions you do not have; only a person "
-                "who has them all adds an account to such a group."
-            )
-
-    def check_existing(self, instance, mode):
-        # A clerk who may change users must not take over or lock out an administrator.
-        if instance.is_superuser and not (self.user is not None and self.user.is_superuser):
-            action = "removed" if mode == "remove" else "changed"
-            raise RowError(
-                f"{instance.get_username()} is a superuser account: it is {action} by a file "
-                "only when a superuser processes it."
-            )

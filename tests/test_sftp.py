@@ -16,7 +16,7 @@ from django.core.management import CommandError, call_command
 
 from imports import cds
 from imports.cds import export_, import_
-from imports.sftp import fingerprint, pinned_key
+from imports.sftp import SftpTransport, fingerprint, pinned_key
 
 from .conftest import ROOT, kill_when, wait_for, written
 from .test_cds import messages, spooled
@@ -202,6 +202,30 @@ def test_the_server_killed_mid_transfer_keeps_the_file_then_a_rerun_takes_it(
     assert again.status == cds.SUCCESS, again.error
     assert spooled(spool) == {"big.bin": big}
     assert server.names() == []
+
+
+def test_every_request_after_the_server_died_reads_as_the_server_closing(start_sshd):
+    server = start_sshd()
+    server.put("a.xml")
+    transport = SftpTransport(
+        "127.0.0.1",
+        server.port,
+        server.user,
+        "",
+        timeout=10,
+        host_key=server.host_key,
+        key_file=str(server.key_file),
+    )
+    try:
+        transport.cwd(str(server.dir))
+        subprocess.run(["pkill", "-KILL", "-P", str(server.process.pid)], check=True)
+        # The first request meets the loss (connection lost), the next one a session that
+        # is no longer open: asyncssh's two errors for one cause.
+        for _ in range(2):
+            with pytest.raises(ConnectionResetError):
+                transport.size(b"a.xml")
+    finally:
+        transport.close()
 
 
 # Export

@@ -205,6 +205,34 @@ def test_the_server_killed_mid_transfer_keeps_the_file_then_a_rerun_takes_it(
     assert server.names() == []
 
 
+def test_a_server_that_stops_answering_mid_download_is_given_up_in_time(start_sshd, spool):
+    server = start_sshd()
+    big = os.urandom(256 * 1024 * 1024)
+    server.put("big.bin", big)
+    options = server.options(spool, parallel=1, timeout=2)
+    outcome = []
+    importer = threading.Thread(target=lambda: outcome.append(import_(**options)))
+    importer.start()
+    wait_for(lambda: written(Path(spool) / "tmp" / ".big.bin.part"))
+    # The session freezes with the connection open: no error, no data, as a hung server.
+    subprocess.run(["pkill", "-STOP", "-P", str(server.process.pid)], check=True)
+    importer.join(timeout=60)
+    subprocess.run(["pkill", "-CONT", "-P", str(server.process.pid)], check=True)
+
+    assert not importer.is_alive()
+    [result] = outcome
+    assert result.status == cds.FAILED
+    assert result.error == "The server did not answer in time (no data for the download)."
+    assert server.names() == [b"big.bin"]  # the lock is removed through a new session
+    assert os.listdir(Path(spool) / "tmp") == []
+
+    again = import_(**options)
+
+    assert again.status == cds.SUCCESS, again.error
+    assert spooled(spool) == {"big.bin": big}
+    assert server.names() == []
+
+
 def test_every_request_after_the_server_died_reads_as_the_server_closing(start_sshd):
     server = start_sshd()
     server.put("a.xml")

@@ -226,7 +226,10 @@ def in_words(exc: BaseException) -> str:
             return f"The server cannot do it for now: {text}"
         return f"The server refused: {text}" if text[:1].isdigit() else text
     if isinstance(exc, TimeoutError):
-        return f"The server did not answer in time ({text or 'timed out'})."
+        # The socket's and TLS's own words ("timed out", "The read operation timed out")
+        # would only repeat the sentence.
+        detail = "" if not text or text.endswith("timed out") else f" ({text})"
+        return f"The server did not answer in time{detail}."
     if isinstance(exc, ConnectionRefusedError):
         return "The server refused the connection: nothing answers at that host and port."
     if isinstance(exc, socket.gaierror):

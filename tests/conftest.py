@@ -1,9 +1,12 @@
 import errno
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -286,6 +289,39 @@ def kill_when(process: subprocess.Popen, ready, timeout: float = 60) -> None:
     finally:
         process.kill()
         process.wait()
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid`: a server's sessions and their helpers."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path("/proc", entry, "stat").read_text()
+        except OSError:  # ended meanwhile
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])  # the name may hold spaces
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+@contextmanager
+def sessions_frozen(server) -> Iterator[None]:
+    """Stop every session of `server` with its connections open, as a hung server: no
+    error, no data. The listener still takes new connections."""
+    frozen = descendants(server.process.pid)
+    assert frozen, "the server has no session to freeze"
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
 
 
 @pytest.fixture

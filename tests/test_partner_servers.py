@@ -9,6 +9,7 @@ import os
 import ssl
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from imports import cds
 from imports.cds import import_
 from imports.transports import decode_name
 
-from .conftest import kill_when, written
+from .conftest import kill_when, sessions_frozen, wait_for, written
 from .servers import tls_options
 from .test_cds import spooled
 
@@ -98,6 +99,37 @@ def test_write_only_drop_box_importer_killed_mid_transfer_then_rerun(start_vsftp
     assert server.names() == []
     assert os.listdir(Path(spool) / "tmp") == []
     assert sorted(os.listdir(spool)) == ["cur", "new", "tmp"]
+
+
+@pytest.mark.parametrize("protocol", ["ftp", "ftps"])
+def test_a_server_that_stops_answering_mid_download_is_given_up_in_time(
+    start_vsftpd, certificate, spool, protocol
+):
+    tls = tls_options(certificate) if protocol == "ftps" else {}
+    server = start_vsftpd(anon_max_rate=1024 * 1024, **tls)
+    big = os.urandom(8 * 1024 * 1024)
+    server.put("big.bin", big)
+    options = server.options(spool, protocol=protocol, ca_file=str(certificate[0]), timeout=2)
+    outcome = []
+    importer = threading.Thread(target=lambda: outcome.append(import_(**options)))
+    importer.start()
+    wait_for(lambda: written(Path(spool) / "tmp" / ".big.bin.part"))
+    with sessions_frozen(server):
+        importer.join(timeout=60)
+
+    assert not importer.is_alive()
+    [result] = outcome
+    assert result.status == cds.FAILED
+    assert result.error == "The server did not answer in time."
+    assert server.names() == [b"big.bin"]  # the lock is removed through a new session
+    assert os.listdir(Path(spool) / "tmp") == []
+    server.restart(**tls)  # without the throttle
+
+    again = import_(**options)
+
+    assert again.status == cds.SUCCESS, again.error
+    assert spooled(spool) == {"big.bin": big}
+    assert server.names() == []
 
 
 def test_vsftpd_ftps_with_session_reuse_required(start_vsftpd, certificate, spool):

@@ -19,7 +19,7 @@ from imports.cds import export_, import_
 from imports.protocol import in_words
 from imports.sftp import SftpTransport, fingerprint, pinned_key
 
-from .conftest import ROOT, kill_when, wait_for, written
+from .conftest import ROOT, kill_when, sessions_frozen, wait_for, written
 from .test_cds import messages, spooled
 
 
@@ -214,10 +214,8 @@ def test_a_server_that_stops_answering_mid_download_is_given_up_in_time(start_ss
     importer = threading.Thread(target=lambda: outcome.append(import_(**options)))
     importer.start()
     wait_for(lambda: written(Path(spool) / "tmp" / ".big.bin.part"))
-    # The session freezes with the connection open: no error, no data, as a hung server.
-    subprocess.run(["pkill", "-STOP", "-P", str(server.process.pid)], check=True)
-    importer.join(timeout=60)
-    subprocess.run(["pkill", "-CONT", "-P", str(server.process.pid)], check=True)
+    with sessions_frozen(server):
+        importer.join(timeout=60)
 
     assert not importer.is_alive()
     [result] = outcome

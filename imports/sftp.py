@@ -105,7 +105,7 @@ def _as_transport_error(exc: BaseException) -> BaseException:
     """asyncssh's errors as the FTP transports raise theirs: a refusal of the server as
     PermanentError, a lost session as ConnectionError; anything else as it is."""
     # A session that is no longer open was closed by the server: this transport never sends
-    # after its own close. Which of the two a killed server gives depends on timing.
+    # after its own close. Which of these a killed server gives depends on timing.
     lost = asyncssh.SFTPConnectionLost | asyncssh.SFTPNoConnection | asyncssh.ConnectionLost
     if isinstance(exc, lost):
         return ConnectionResetError(exc.reason or "the SSH connection was lost")

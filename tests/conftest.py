@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -322,6 +323,22 @@ def sessions_frozen(server) -> Iterator[None]:
     finally:
         for pid in frozen:
             os.kill(pid, signal.SIGCONT)
+
+
+def import_frozen_mid_download(server, options: dict, name: str):
+    """The result of import_(**options) whose server froze (sessions_frozen) as soon as
+    `name` began to arrive in the spool; the run must end while the server stays frozen."""
+    from imports.cds import import_
+
+    outcome = []
+    importer = threading.Thread(target=lambda: outcome.append(import_(**options)))
+    importer.start()
+    wait_for(lambda: written(Path(options["store_dir"]) / "tmp" / f".{name}.part"))
+    with sessions_frozen(server):
+        importer.join(timeout=60)
+        assert not importer.is_alive(), "the run waits for the frozen server forever"
+    [result] = outcome
+    return result
 
 
 @pytest.fixture

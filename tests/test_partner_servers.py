@@ -9,7 +9,6 @@ import os
 import ssl
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from imports import cds
 from imports.cds import import_
 from imports.transports import decode_name
 
-from .conftest import kill_when, sessions_frozen, wait_for, written
+from .conftest import import_frozen_mid_download, kill_when, written
 from .servers import tls_options
 from .test_cds import spooled
 
@@ -110,15 +109,8 @@ def test_a_server_that_stops_answering_mid_download_is_given_up_in_time(
     big = os.urandom(8 * 1024 * 1024)
     server.put("big.bin", big)
     options = server.options(spool, protocol=protocol, ca_file=str(certificate[0]), timeout=2)
-    outcome = []
-    importer = threading.Thread(target=lambda: outcome.append(import_(**options)))
-    importer.start()
-    wait_for(lambda: written(Path(spool) / "tmp" / ".big.bin.part"))
-    with sessions_frozen(server):
-        importer.join(timeout=60)
+    result = import_frozen_mid_download(server, options, "big.bin")
 
-    assert not importer.is_alive()
-    [result] = outcome
     assert result.status == cds.FAILED
     assert result.error == "The server did not answer in time."
     assert server.names() == [b"big.bin"]  # the lock is removed through a new session

@@ -19,7 +19,7 @@ from imports.cds import export_, import_
 from imports.protocol import in_words
 from imports.sftp import SftpTransport, fingerprint, pinned_key
 
-from .conftest import ROOT, kill_when, sessions_frozen, wait_for, written
+from .conftest import ROOT, import_frozen_mid_download, kill_when, wait_for, written
 from .test_cds import messages, spooled
 
 
@@ -210,15 +210,8 @@ def test_a_server_that_stops_answering_mid_download_is_given_up_in_time(start_ss
     big = os.urandom(256 * 1024 * 1024)
     server.put("big.bin", big)
     options = server.options(spool, parallel=1, timeout=2)
-    outcome = []
-    importer = threading.Thread(target=lambda: outcome.append(import_(**options)))
-    importer.start()
-    wait_for(lambda: written(Path(spool) / "tmp" / ".big.bin.part"))
-    with sessions_frozen(server):
-        importer.join(timeout=60)
+    result = import_frozen_mid_download(server, options, "big.bin")
 
-    assert not importer.is_alive()
-    [result] = outcome
     assert result.status == cds.FAILED
     assert result.error == "The server did not answer in time (no data for the download)."
     assert server.names() == [b"big.bin"]  # the lock is removed through a new session

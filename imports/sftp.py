@@ -236,8 +236,6 @@ class SftpTransport:
 
         try:
             return self._run(entries())
-        except ConnectionError:
-            raise
         except PermanentError as exc:
             raise UnlistableFolder(f"The server did not list the folder: {exc}") from exc
 

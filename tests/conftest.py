@@ -7,7 +7,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -325,18 +325,31 @@ def sessions_frozen(server) -> Iterator[None]:
             os.kill(pid, signal.SIGCONT)
 
 
-def import_frozen_mid_download(server, options: dict, name: str):
-    """The result of import_(**options) whose server froze (sessions_frozen) as soon as
-    `name` began to arrive in the spool; the run must end while the server stays frozen."""
+@contextmanager
+def sessions_killed(server) -> Iterator[None]:
+    """SIGKILL every session of `server`: the server dying under its clients. The listener
+    still takes new connections."""
+    killed = descendants(server.process.pid)
+    assert killed, "the server has no session to kill"
+    for pid in killed:
+        with suppress(ProcessLookupError):  # a helper that ended with its session
+            os.kill(pid, signal.SIGKILL)
+    yield
+
+
+def import_with_fault(options: dict, name: str, fault) -> object:
+    """The result of import_(**options) whose server meets `fault` (sessions_frozen(server),
+    sessions_killed(server)) as soon as `name` begins to arrive in the spool; the run must
+    end within the fault."""
     from imports.cds import import_
 
     outcome = []
     importer = threading.Thread(target=lambda: outcome.append(import_(**options)))
     importer.start()
     wait_for(lambda: written(Path(options["store_dir"]) / "tmp" / f".{name}.part"))
-    with sessions_frozen(server):
+    with fault:
         importer.join(timeout=60)
-        assert not importer.is_alive(), "the run waits for the frozen server forever"
+        assert not importer.is_alive(), "the run waits for the server forever"
     [result] = outcome
     return result
 

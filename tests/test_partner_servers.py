@@ -18,7 +18,7 @@ from imports import cds
 from imports.cds import import_
 from imports.transports import decode_name
 
-from .conftest import import_frozen_mid_download, kill_when, written
+from .conftest import import_with_fault, kill_when, sessions_frozen, written
 from .servers import tls_options
 from .test_cds import spooled
 
@@ -109,7 +109,7 @@ def test_a_server_that_stops_answering_mid_download_is_given_up_in_time(
     big = os.urandom(8 * 1024 * 1024)
     server.put("big.bin", big)
     options = server.options(spool, protocol=protocol, ca_file=str(certificate[0]), timeout=2)
-    result = import_frozen_mid_download(server, options, "big.bin")
+    result = import_with_fault(options, "big.bin", sessions_frozen(server))
 
     assert result.status == cds.FAILED
     assert result.error == "The server did not answer in time."

@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,14 @@ from imports.cds import export_, import_
 from imports.protocol import in_words
 from imports.sftp import SftpTransport, fingerprint, pinned_key
 
-from .conftest import ROOT, import_frozen_mid_download, kill_when, wait_for, written
+from .conftest import (
+    ROOT,
+    import_with_fault,
+    kill_when,
+    sessions_frozen,
+    sessions_killed,
+    written,
+)
 from .test_cds import messages, spooled
 
 
@@ -184,15 +190,8 @@ def test_the_server_killed_mid_transfer_keeps_the_file_then_a_rerun_takes_it(
     big = os.urandom(256 * 1024 * 1024)
     server.put("big.bin", big)
     options = server.options(spool, parallel=1)
-    outcome = []
-    importer = threading.Thread(target=lambda: outcome.append(import_(**options)))
-    importer.start()
-    # The sessions are the listener's children: killing them is the server dying under us.
-    wait_for(lambda: written(Path(spool) / "tmp" / ".big.bin.part"))
-    subprocess.run(["pkill", "-KILL", "-P", str(server.process.pid)], check=True)
-    importer.join(timeout=60)
+    result = import_with_fault(options, "big.bin", sessions_killed(server))
 
-    [result] = outcome
     assert result.status == cds.FAILED
     assert result.error == "The server closed the connection unexpectedly."
     assert "big.bin" in {name.decode() for name in server.names()}
@@ -210,7 +209,7 @@ def test_a_server_that_stops_answering_mid_download_is_given_up_in_time(start_ss
     big = os.urandom(256 * 1024 * 1024)
     server.put("big.bin", big)
     options = server.options(spool, parallel=1, timeout=2)
-    result = import_frozen_mid_download(server, options, "big.bin")
+    result = import_with_fault(options, "big.bin", sessions_frozen(server))
 
     assert result.status == cds.FAILED
     assert result.error == "The server did not answer in time (no data for the download)."
@@ -238,13 +237,13 @@ def test_every_request_after_the_server_died_reads_as_the_server_closing(start_s
     )
     try:
         transport.cwd(str(server.dir))
-        subprocess.run(["pkill", "-KILL", "-P", str(server.process.pid)], check=True)
         # The first request meets the loss (a broken pipe, or the connection lost while it
         # waits), the next one a session that is no longer open: several errors, one cause.
-        for _ in range(2):
-            with pytest.raises(OSError) as raised:
-                transport.size(b"a.xml")
-            assert in_words(raised.value) == "The server closed the connection unexpectedly."
+        with sessions_killed(server):
+            for _ in range(2):
+                with pytest.raises(OSError) as raised:
+                    transport.size(b"a.xml")
+                assert in_words(raised.value) == "The server closed the connection unexpectedly."
     finally:
         transport.close()
 
